@@ -1,0 +1,39 @@
+"""Shared fixtures: one torch thread per process, a tiny SDXL-shaped pipeline, a folder of real images."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+DEMO_IMAGES = Path(__file__).resolve().parents[1] / "sdxl_ambient" / "assets" / "demo_images"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A saved diffusers folder of the tiny random SDXL-shaped pipeline (built once per session)."""
+    from sdxl_ambient.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """An imagefolder of the 8 bundled real images with a metadata.jsonl of captions (a fresh copy per test)."""
+    dest = tmp_path / "images"
+    shutil.copytree(DEMO_IMAGES, dest, ignore=shutil.ignore_patterns("*.txt"))
+    return dest
+
+
+def read_metadata(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
