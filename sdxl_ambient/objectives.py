@@ -33,6 +33,11 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, the input's own precision from float32 up (float64 stays exact)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def abar_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """abar_t for a diffusion timestep t (diffusers' table)."""
     return alphas_cumprod.to(timesteps.device)[timesteps.long()]
@@ -56,8 +61,9 @@ def add_noise(clean, observed_timesteps, noise, alphas_cumprod):
     """Corrupt clean data to its observation level: y = sqrt(abar_n) x0 + sqrt(1 - abar_n) noise.
 
     An observed timestep of 0 leaves the sample clean."""
-    a = _per_sample(observation_abar(alphas_cumprod, observed_timesteps).float(), clean)
-    return (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(clean.dtype)
+    dtype = _compute_dtype(clean)
+    a = _per_sample(observation_abar(alphas_cumprod, observed_timesteps).to(dtype), clean)
+    return (a.sqrt() * clean.to(dtype) + (1 - a).sqrt() * noise.to(dtype)).to(clean.dtype)
 
 
 def renoise(observed, observed_timesteps, timesteps, noise, alphas_cumprod):
@@ -67,9 +73,10 @@ def renoise(observed, observed_timesteps, timesteps, noise, alphas_cumprod):
 
     This has the same law as noising the clean x0 to t directly. For t_n = 0 it is
     diffusers' ``add_noise``; for t = t_n it returns y."""
-    ratio = abar_at(alphas_cumprod, timesteps).float() / observation_abar(alphas_cumprod, observed_timesteps).float()
+    dtype = _compute_dtype(observed)
+    ratio = abar_at(alphas_cumprod, timesteps).to(dtype) / observation_abar(alphas_cumprod, observed_timesteps).to(dtype)
     r = _per_sample(ratio.clamp(max=1.0), observed)
-    out = r.sqrt() * observed.float() + (1 - r).sqrt() * noise.float()
+    out = r.sqrt() * observed.to(dtype) + (1 - r).sqrt() * noise.to(dtype)
     return out.to(observed.dtype)
 
 
@@ -152,9 +159,10 @@ def ambient_tweedie_loss(model_output, sample, observed, timesteps, observed_tim
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    x0_pred = x0_from_model_output(model_output.float(), sample.float(), timesteps, alphas_cumprod, prediction_type)
-    pred_obs = predict_observation(x0_pred, sample.float(), timesteps, observed_timesteps, alphas_cumprod)
-    loss = (pred_obs - observed.float()).pow(2).mean(dim=tuple(range(1, pred_obs.ndim)))
+    dtype = _compute_dtype(model_output)
+    x0_pred = x0_from_model_output(model_output.to(dtype), sample.to(dtype), timesteps, alphas_cumprod, prediction_type)
+    pred_obs = predict_observation(x0_pred, sample.to(dtype), timesteps, observed_timesteps, alphas_cumprod)
+    loss = (pred_obs - observed.to(dtype)).pow(2).mean(dim=tuple(range(1, pred_obs.ndim)))
     if weighting == "epsilon":
         loss = loss * epsilon_matched_weight(timesteps, observed_timesteps, alphas_cumprod, weight_cap).to(loss.device)
     return loss
@@ -167,12 +175,13 @@ def posterior_step(x0_pred, sample, timesteps, prev_timesteps, noise, alphas_cum
         mean = sqrt(abar_s)(1 - r)/(1 - abar_t) x0 + sqrt(r)(1 - abar_s)/(1 - abar_t) x_t
         var  = (1 - abar_s)(1 - r)/(1 - abar_t)
     """
-    a_t = _per_sample(abar_at(alphas_cumprod, timesteps).float(), sample)
-    a_s = _per_sample(abar_at(alphas_cumprod, prev_timesteps).float(), sample)
+    dtype = _compute_dtype(sample)
+    a_t = _per_sample(abar_at(alphas_cumprod, timesteps).to(dtype), sample)
+    a_s = _per_sample(abar_at(alphas_cumprod, prev_timesteps).to(dtype), sample)
     r = a_t / a_s
-    mean = (a_s.sqrt() * (1 - r) * x0_pred.float() + r.sqrt() * (1 - a_s) * sample.float()) / (1 - a_t)
+    mean = (a_s.sqrt() * (1 - r) * x0_pred.to(dtype) + r.sqrt() * (1 - a_s) * sample.to(dtype)) / (1 - a_t)
     var = ((1 - a_s) * (1 - r) / (1 - a_t)).clamp(min=0)
-    return (mean + var.sqrt() * noise.float()).to(sample.dtype)
+    return (mean + var.sqrt() * noise.to(dtype)).to(sample.dtype)
 
 
 def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, anchor_x0=None,

@@ -1,0 +1,488 @@
+"""The noisy-latent cache: images are encoded and corrupted once, training reads latents.
+
+For each example (key k, seed s) the cache stores only the observation
+
+    y = sqrt(abar_n) z + sqrt(1 - abar_n) eps,   z = scaling_factor * (mu + sigma * xi),
+
+with xi ~ N(0, I) seeded by (s, k, "vae") and eps ~ N(0, I) seeded by (s, k, "noise"):
+one fixed noise realisation per example, the same in every build and every epoch. The
+clean latent z is never written. Text embeddings are SDXL's (penultimate hidden states
+of both CLIP encoders, concatenated; pooled = text_encoder_2's projected output).
+
+On disk: ``shard-00000.safetensors``, ... and ``manifest.json`` recording what made the
+cache (settings, model, data fingerprints, captions) and the completed shards with a
+checksum. Shards and the manifest are replaced atomically, so an interrupted build is
+completed by re-encoding only the missing or damaged shards. The same folder is the
+shareable dataset that ``sdxl-ambient corrupt`` writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdxl_ambient.data import (DataConfig, TrainingImages, example_generator, load_training_images, prepare_example,
+                               public_name)
+from sdxl_ambient.objectives import add_noise, observation_abar
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sdxl-ambient-noisy-latents"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_SIZE = 256
+ENCODE_BATCH_SIZE = 8
+FP16_VAE_HINT = ("use an fp32 VAE (do not cast the VAE to fp16) or pass "
+                 "--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over ``path`` (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_manifest(cache_dir: Path, manifest: dict) -> None:
+    _atomic_write(cache_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
+    """The manifest of a cache folder, or None when there is none. Foreign JSON is an error."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete the folder {cache_dir} to rebuild the cache") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an sdxl-ambient latent cache manifest; use another --cache_dir")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: cache format version {manifest.get('format_version')}, this version reads "
+                         f"{FORMAT_VERSION}; delete {cache_dir} (or use another --cache_dir) to rebuild it")
+    return manifest
+
+
+def is_latent_dataset(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a noisy-latent dataset (a cache or the output of ``corrupt``)."""
+    return (Path(folder) / MANIFEST).is_file() and read_manifest(folder) is not None
+
+
+@contextlib.contextmanager
+def _placed(module: torch.nn.Module, device, dtype=None) -> Iterator[torch.nn.Module]:
+    """Move/cast a module for the block and restore its device and dtype afterwards."""
+    p = next(module.parameters())
+    old_device, old_dtype = p.device, p.dtype
+    moved = torch.device(device) != old_device or (dtype is not None and dtype != old_dtype)
+    if moved:
+        module.to(device=device, dtype=dtype or old_dtype)
+    try:
+        yield module
+    finally:
+        if moved:
+            module.to(device=old_device, dtype=old_dtype)
+
+
+# ----------------------------------------------------------------------------- what made the cache
+
+
+def model_signature(components) -> dict:
+    """The shapes and constants a latent dataset shares with the model that trains on it."""
+    sched = components.noise_scheduler.config
+    return {
+        "latent_channels": int(components.vae.config.latent_channels),
+        "scaling_factor": float(components.vae.config.scaling_factor),
+        "prompt_embeds_dim": int(components.text_encoder.config.hidden_size + components.text_encoder_2.config.hidden_size),
+        "pooled_dim": int(components.text_encoder_2.config.projection_dim),
+        "scheduler": {k: sched.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")},
+    }
+
+
+def seed_digest(seed) -> str:
+    """What the manifest records of the noise seed: anyone who knows the seed can subtract the
+    noise and recover the clean latents, so the seed itself is never written."""
+    return hashlib.sha256(f"sdxl-ambient-noise-seed\x00{seed}".encode()).hexdigest()
+
+
+def cache_settings(config: DataConfig, components, ambient_timestep: int, shard_size: int) -> dict:
+    settings = config.as_dict()
+    settings["seed"] = seed_digest(settings.pop("seed"))
+    return {
+        "model_id": public_name(getattr(components, "model_id", None)),
+        "vae_id": public_name(getattr(components, "vae_id", None)),
+        **settings,
+        "ambient_timestep": int(ambient_timestep),
+        "shard_size": int(shard_size),
+        "model": model_signature(components),
+    }
+
+
+def data_entries(images: TrainingImages) -> list[dict]:
+    """Per example: key (relative file name or row), content fingerprint, original size, caption."""
+    return [{"key": r.key, **r.fingerprint, "original_size": list(r.original_size), "caption": r.caption} for r in images.records]
+
+
+def _setting_differences(old: dict, new: dict) -> list[str]:
+    return [f"{k}: cache has {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _data_differences(old: list[dict], new: list[dict]) -> list[str]:
+    old_by_key, new_by_key = {e["key"]: e for e in old}, {e["key"]: e for e in new}
+    out = [f"{k}: removed" for k in old_by_key if k not in new_by_key]
+    out += [f"{k}: added" for k in new_by_key if k not in old_by_key]
+    for k in new_by_key.keys() & old_by_key.keys():
+        if new_by_key[k] != old_by_key[k]:
+            changed = sorted(f for f in new_by_key[k].keys() | old_by_key[k].keys() if new_by_key[k].get(f) != old_by_key[k].get(f))
+            out.append(f"{k}: {', '.join(changed)} changed")
+    if not out and [e["key"] for e in old] != [e["key"] for e in new]:
+        out.append("the order of the examples changed")
+    return sorted(out)
+
+
+def _refuse(cache_dir: Path, what: str, differences: list[str]) -> None:
+    shown = "; ".join(differences[:10]) + (f"; and {len(differences) - 10} more" if len(differences) > 10 else "")
+    raise ValueError(f"the latent cache in {cache_dir} was made with other {what}: {shown}. "
+                     f"Use another --cache_dir (--output_dir for `sdxl-ambient corrupt`), or delete {cache_dir} to rebuild it.")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's length (77 for SDXL)."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_prompts(components, ids_one: torch.Tensor, ids_two: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's encode_prompt: concat(penultimate hidden states of both encoders), pooled from encoder 2."""
+    out_one = components.text_encoder(ids_one.to(device), output_hidden_states=True)
+    out_two = components.text_encoder_2(ids_two.to(device), output_hidden_states=True)
+    prompt_embeds = torch.cat([out_one.hidden_states[-2], out_two.hidden_states[-2]], dim=-1)
+    return prompt_embeds.float().cpu(), out_two[0].float().cpu()
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, keys: list[str], seed: int, device) -> torch.Tensor:
+    """z = scaling_factor * (mu + sigma * xi), xi drawn per example from (seed, key, "vae")."""
+    p = next(vae.parameters())
+    dist = vae.encode(pixels.to(device=device, dtype=p.dtype)).latent_dist
+    xi = torch.stack([torch.randn(dist.mean.shape[1:], generator=example_generator(seed, k, "vae")) for k in keys])
+    z = dist.mean.float().cpu() + dist.std.float().cpu() * xi
+    return z * vae.config.scaling_factor
+
+
+def example_noise(shape, seed: int, key: str) -> torch.Tensor:
+    """The one fixed noise realisation eps of an example."""
+    return torch.randn(shape, generator=example_generator(seed, key, "noise"))
+
+
+def observe(z: torch.Tensor, keys: list[str], seed: int, ambient_timestep: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """y = add_noise(z, t_n, eps) with each example's fixed eps."""
+    noise = torch.stack([example_noise(z.shape[1:], seed, k) for k in keys])
+    t_n = torch.full((z.shape[0],), ambient_timestep, dtype=torch.long)
+    return add_noise(z, t_n, noise, alphas_cumprod)
+
+
+def _check_finite(z: torch.Tensor, names: list[str]) -> None:
+    bad = [n for n, ok in zip(names, torch.isfinite(z).flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        raise ValueError(f"the VAE gave NaN/inf latents for {', '.join(bad)}; {FP16_VAE_HINT}")
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _encode_images(images: TrainingImages, indices: list[int], components, ambient_timestep: int,
+                   batch_size: int, device) -> dict[str, torch.Tensor]:
+    """``{i}.observed`` and ``{i}.time_ids``; images are decoded a batch at a time, batches share a size."""
+    config, out = images.config, {}
+    by_size: dict[tuple, list[int]] = {}
+    for i in indices:
+        by_size.setdefault(config.target_size(images.records[i].original_size), []).append(i)
+    for group in by_size.values():
+        for batch in _chunks(group, batch_size):
+            records = [images.records[i] for i in batch]
+            examples = [prepare_example(r, config) for r in records]
+            keys = [r.key for r in records]
+            z = encode_latents(components.vae, torch.stack([e["pixel_values"] for e in examples]), keys, config.seed, device)
+            _check_finite(z, [r.name for r in records])
+            y = observe(z, keys, config.seed, ambient_timestep, components.noise_scheduler.alphas_cumprod)
+            for i, y_i, e in zip(batch, y, examples):
+                out[f"{i}.observed"], out[f"{i}.time_ids"] = y_i.float().contiguous(), e["time_ids"]
+    return out
+
+
+def _encode_captions(images: TrainingImages, indices: list[int], components, batch_size: int, device) -> dict[str, torch.Tensor]:
+    """Token ids of both tokenizers and the prompt embeddings (stored in float16)."""
+    out = {}
+    for batch in _chunks(indices, batch_size):
+        captions = [images.records[i].caption for i in batch]
+        ids_one, ids_two = tokenize(components.tokenizer, captions), tokenize(components.tokenizer_2, captions)
+        embeds, pooled = encode_prompts(components, ids_one, ids_two, device)
+        for n, i in enumerate(batch):
+            out[f"{i}.prompt_embeds"] = embeds[n].to(torch.float16).contiguous()
+            out[f"{i}.pooled_prompt_embeds"] = pooled[n].to(torch.float16).contiguous()
+            out[f"{i}.input_ids_one"], out[f"{i}.input_ids_two"] = ids_one[n].long(), ids_two[n].long()
+            if not (torch.isfinite(out[f"{i}.prompt_embeds"]).all() and torch.isfinite(out[f"{i}.pooled_prompt_embeds"]).all()):
+                raise ValueError(f"the text embeddings of the caption of {images.records[i].name} overflow float16")
+    return out
+
+
+def encode_shard(images: TrainingImages, indices: list[int], components, ambient_timestep: int,
+                 batch_size: int, device) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """The tensors of one shard (named ``{index}.{field}``) and the latent (h, w) of each example."""
+    tensors = _encode_images(images, indices, components, ambient_timestep, batch_size, device)
+    tensors.update(_encode_captions(images, indices, components, batch_size, device))
+    return tensors, [list(tensors[f"{i}.observed"].shape[1:]) for i in indices]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def shard_name(n: int) -> str:
+    return f"shard-{n:05d}.safetensors"
+
+
+def _valid_shards(cache_dir: Path, manifest: dict) -> dict:
+    """The manifest's shards whose file exists and matches its checksum; others are dropped (and re-made)."""
+    kept = {}
+    for name, entry in manifest.get("shards", {}).items():
+        path = cache_dir / name
+        if not path.is_file():
+            logger.warning("latent cache shard %s is missing; it will be re-made", path)
+        elif _sha256_file(path) != entry.get("sha256"):
+            logger.warning("latent cache shard %s fails its checksum; it will be re-made", path)
+        else:
+            kept[name] = entry
+    return kept
+
+
+def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components, ambient_timestep: int, *,
+                batch_size: int = ENCODE_BATCH_SIZE, shard_size: int = SHARD_SIZE, device=None) -> "LatentCache":
+    """Encode and corrupt every example into ``cache_dir``, or complete a cache cut off half-way.
+
+    A cache made with other settings or other data is refused (the error names what differs).
+    The VAE runs in fp32 unless the components carry a separate VAE (``vae_id``)."""
+    cache_dir = Path(cache_dir)
+    num_train_timesteps = len(components.noise_scheduler.alphas_cumprod)
+    if not 0 <= ambient_timestep < num_train_timesteps:
+        raise ValueError(f"--ambient_timestep {ambient_timestep} must be in [0, {num_train_timesteps})")
+    settings = cache_settings(images.config, components, ambient_timestep, shard_size)
+    data = data_entries(images)
+    manifest = read_manifest(cache_dir)
+    if manifest is not None:
+        if manifest["settings"] != settings:
+            _refuse(cache_dir, "settings", _setting_differences(manifest["settings"], settings))
+        if manifest["data"]["examples"] != data:
+            _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data))
+        shards = _valid_shards(cache_dir, manifest)
+    else:
+        shards = {}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    abar = observation_abar(components.noise_scheduler.alphas_cumprod, torch.tensor([ambient_timestep]))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings,
+        "observation_abar": float(abar), "num_examples": len(data), "complete": False,
+        "data": {"origin": images.origin, "examples": data, "skipped": images.skipped},
+        "shards": shards,
+    }
+    _write_manifest(cache_dir, manifest)
+    device = device or next(components.vae.parameters()).device
+    vae_dtype = None if getattr(components, "vae_id", None) else torch.float32
+    plan = [(shard_name(n), list(range(s, min(s + shard_size, len(data))))) for n, s in enumerate(range(0, len(data), shard_size))]
+    todo = [(name, idx) for name, idx in plan if name not in shards]
+    if todo:
+        logger.info("encoding %d of %d shard(s) into %s", len(todo), len(plan), cache_dir)
+        with _placed(components.vae, device, vae_dtype), _placed(components.text_encoder, device), \
+                _placed(components.text_encoder_2, device):
+            for name, indices in todo:
+                tensors, shapes = encode_shard(images, indices, components, ambient_timestep, batch_size, device)
+                _atomic_write(cache_dir / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+                shards[name] = {"indices": indices, "latent_shapes": shapes, "sha256": _sha256_file(cache_dir / name)}
+                _write_manifest(cache_dir, manifest)
+    manifest["shards"] = {name: shards[name] for name, _ in plan}
+    manifest["complete"] = True
+    _write_manifest(cache_dir, manifest)
+    return LatentCache(cache_dir, verify=False)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """A finished latent cache as a Dataset of the contract's example dicts."""
+
+    FIELDS = ("observed", "prompt_embeds", "pooled_prompt_embeds", "input_ids_one", "input_ids_two", "time_ids")
+
+    def __init__(self, cache_dir: str | os.PathLike, verify: bool = True):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"{self.cache_dir} holds no {MANIFEST}: not a latent cache")
+        if not manifest.get("complete"):
+            raise ValueError(f"the latent cache in {self.cache_dir} is incomplete; run the build again to complete it")
+        if verify:
+            for name, entry in manifest["shards"].items():
+                if not (self.cache_dir / name).is_file() or _sha256_file(self.cache_dir / name) != entry["sha256"]:
+                    raise ValueError(f"latent cache shard {self.cache_dir / name} is missing or fails its checksum")
+        self.manifest = manifest
+        self._where: dict[int, str] = {}
+        self._shapes: dict[int, tuple[int, int]] = {}
+        for name, entry in manifest["shards"].items():
+            for i, shape in zip(entry["indices"], entry["latent_shapes"]):
+                self._where[i], self._shapes[i] = name, tuple(shape)
+        self._captions = [e["caption"] for e in manifest["data"]["examples"]]
+        self._handles: dict = {}
+
+    @property
+    def ambient_timestep(self) -> int:
+        return self.manifest["settings"]["ambient_timestep"]
+
+    def __len__(self) -> int:
+        return self.manifest["num_examples"]
+
+    def latent_shapes(self) -> list[tuple[int, int]]:
+        """Latent (h, w) of every example, in index order."""
+        return [self._shapes[i] for i in range(len(self))]
+
+    def _handle(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.cache_dir / name), framework="pt")
+        return self._handles[name]
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for a cache of {len(self)} examples")
+        f = self._handle(self._where[i])
+        item = {k: f.get_tensor(f"{i}.{k}") for k in self.FIELDS}
+        item["observed_timestep"] = torch.tensor(self.ambient_timestep, dtype=torch.long)
+        item["index"] = torch.tensor(i, dtype=torch.long)
+        item["caption"] = self._captions[i]
+        return item
+
+    def __getstate__(self):  # DataLoader workers reopen the shards
+        return {**self.__dict__, "_handles": {}}
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of equal latent shape, shuffled from (seed, epoch): the same order on every
+    process and after a resume.
+
+    With ``num_replicas`` processes, process ``rank`` takes every num_replicas-th batch (the
+    list is padded by repeating its first batches so every process gets as many).
+    ``set_epoch(epoch, skip)`` starts an epoch, ``skip`` of this process's batches already done."""
+
+    def __init__(self, latent_shapes: list[tuple[int, int]], batch_size: int, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"--train_batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.seed, self.drop_last, self.epoch, self.skip = batch_size, seed, drop_last, 0, 0
+        self.num_replicas, self.rank = num_replicas, rank
+        self.groups: dict[tuple, list[int]] = {}
+        for i, shape in enumerate(latent_shapes):
+            self.groups.setdefault(tuple(shape), []).append(i)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        batches = []
+        for shape in sorted(self.groups):
+            members = self.groups[shape][:]
+            rng.shuffle(members)
+            for s in range(0, len(members), self.batch_size):
+                batch = members[s:s + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        rng.shuffle(batches)
+        return batches
+
+    def _total(self) -> int:
+        size = self.batch_size
+        return sum(len(g) // size if self.drop_last else -(-len(g) // size) for g in self.groups.values())
+
+    def __iter__(self):
+        batches = self._batches()
+        if self.num_replicas > 1:
+            batches += batches[: len(self) * self.num_replicas - len(batches)]
+            batches = batches[self.rank::self.num_replicas]
+        return iter(batches[self.skip:])
+
+    def __len__(self) -> int:
+        """This process's batches in a whole epoch."""
+        return -(-self._total() // self.num_replicas)
+
+
+# ----------------------------------------------------------------------------- the trainer's entry point
+
+
+def check_model_family(cache: LatentCache, components) -> None:
+    """A latent dataset must match the model's latent channels, VAE scaling, text dims and noise schedule."""
+    made_with, now = cache.manifest["settings"]["model"], model_signature(components)
+    if made_with != now:
+        raise ValueError(f"the latent dataset {cache.cache_dir} was made for another model family: "
+                         + "; ".join(_setting_differences(made_with, now)))
+
+
+def adopt_latent_dataset(args, components) -> LatentCache:
+    """Use --train_data_dir's noisy-latent dataset directly; its t_n is adopted when
+    --ambient_timestep is None and must equal it otherwise."""
+    cache = LatentCache(args.train_data_dir)
+    check_model_family(cache, components)
+    t_n = cache.ambient_timestep
+    if getattr(args, "ambient_timestep", None) is None:
+        args.ambient_timestep = t_n
+        logger.info("adopting the latent dataset's ambient timestep t_n = %d", t_n)
+    elif args.ambient_timestep != t_n:
+        raise ValueError(f"--ambient_timestep {args.ambient_timestep} differs from the t_n = {t_n} of the latent dataset "
+                         f"{args.train_data_dir}; pass --ambient_timestep {t_n} (or leave it out)")
+    return cache
+
+
+def prepare_cache(args, components, accelerator=None) -> LatentCache:
+    """The trainer's one call: a latent dataset from --train_data_dir as is, or the cache at
+    --cache_dir (default OUTPUT_DIR/latent_cache) built or completed on the main process."""
+    if getattr(args, "train_data_dir", None) and is_latent_dataset(args.train_data_dir):
+        return adopt_latent_dataset(args, components)
+    if getattr(args, "ambient_timestep", None) is None:
+        args.ambient_timestep = 0  # images without a stated noise level: an ordinary fine-tune
+    cache_dir = Path(getattr(args, "cache_dir", None) or Path(args.output_dir) / "latent_cache")
+    device = accelerator.device if accelerator is not None else None
+
+    def build():
+        build_cache(cache_dir, load_training_images(args), components, args.ambient_timestep, device=device)
+
+    if accelerator is None:
+        build()
+    else:
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                build()
+    return LatentCache(cache_dir, verify=False)

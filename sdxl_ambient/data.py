@@ -1,0 +1,421 @@
+"""Images and captions in, SDXL training examples out.
+
+Sources: an image folder (diffusers' imagefolder layout with ``metadata.jsonl``, or
+kohya-style ``.txt`` captions beside the images), a Hub dataset
+(``datasets.load_dataset``) or a folder ``datasets.load_from_disk`` reads. Every record
+carries a stable key (its relative file name, or its dataset row index) from which all
+random choices are seeded, so an example is transformed the same way every time.
+
+Micro-conditioning follows diffusers' train_text_to_image_lora_sdxl.py: resize (the
+shorter side to the resolution, or to cover the bucket), flip, then crop; time_ids are
+
+    (original_h, original_w, crop_top, crop_left, target_h, target_w)
+
+with the crop's top-left measured in the resized (and flipped) image.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+CAPTION_EXTENSIONS = (".txt", ".caption")
+VAE_FACTOR = 8
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and its caption. ``source`` is a file path, encoded bytes or a PIL image."""
+
+    key: str
+    caption: str
+    source: Any
+    fingerprint: dict = field(default_factory=dict)
+    original_size: tuple[int, int] | None = None  # (h, w) after EXIF orientation; set by check_images
+
+    @property
+    def name(self) -> str:
+        """How errors and warnings name this image."""
+        return str(self.source) if isinstance(self.source, Path) else f"dataset row {self.key}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def _check_columns(columns: list[str], args) -> None:
+    for flag, name in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if name not in columns:
+            raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {sorted(columns)}")
+
+
+def _read_metadata(folder: Path) -> list[dict] | None:
+    jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jsonl.exists():
+        rows = []
+        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{jsonl}, line {n}: not valid JSON ({e})") from None
+        return rows
+    if csv_path.exists():
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    return None
+
+
+def _file_fingerprint(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path.read_bytes())}
+
+
+def folder_records(folder: str | os.PathLike, caption_column: str = "text") -> list[ImageRecord]:
+    """Records of an image folder: ``metadata.jsonl``/``.csv`` (``file_name`` + caption column),
+    else every image with its kohya-style ``.txt``/``.caption`` file (empty caption when none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--train_data_dir {folder} is not a folder")
+    rows = _read_metadata(folder)
+    records = []
+    if rows is not None:
+        columns = sorted(set().union(*(r.keys() for r in rows))) if rows else []
+        if rows and "file_name" not in columns:
+            raise ValueError(f"{folder}/metadata: no 'file_name' column; its columns are {columns}")
+        if rows and caption_column not in columns:
+            raise ValueError(f"--caption_column {caption_column!r} is not a column of {folder}/metadata; its columns are {columns}")
+        for row in rows:
+            path = folder / row["file_name"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder}/metadata lists {row['file_name']!r}, which is not in the folder")
+            caption = row.get(caption_column)
+            records.append(ImageRecord(row["file_name"], "" if caption is None else str(caption), path, _file_fingerprint(path)))
+    else:
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+            caption_file = next((c for c in (path.with_suffix(e) for e in CAPTION_EXTENSIONS) if c.exists()), None)
+            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file else ""
+            key = path.relative_to(folder).as_posix()
+            records.append(ImageRecord(key, caption, path, _file_fingerprint(path)))
+    if not records:
+        raise ValueError(f"--train_data_dir {folder} holds no images (expected images with metadata.jsonl or .txt captions)")
+    return records
+
+
+def _row_image(value: Any, row: int) -> tuple[Any, dict]:
+    """(source, fingerprint) of a dataset cell: an undecoded Image dict, a path string or a PIL image."""
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        data = value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
+        return data, {"bytes": len(data), "sha256": _sha256(data)}
+    if isinstance(value, str):
+        data = Path(value).read_bytes()
+        return data, {"bytes": len(data), "sha256": _sha256(data)}
+    if isinstance(value, Image.Image):
+        return value, {"sha256": _sha256(value.mode.encode() + str(value.size).encode() + value.tobytes())}
+    raise ValueError(f"dataset row {row}: the image cell is a {type(value).__name__}, not an image")
+
+
+def dataset_records(dataset, image_column: str, caption_column: str, name: str) -> list[ImageRecord]:
+    """Records of a ``datasets.Dataset`` (keys are row indices; images are read undecoded)."""
+    from datasets import Image as ImageFeature
+
+    if image_column in dataset.features and isinstance(dataset.features[image_column], ImageFeature):
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {name} is empty")
+    records = []
+    for i, row in enumerate(dataset):
+        source, fingerprint = _row_image(row[image_column], i)
+        caption = row[caption_column]
+        records.append(ImageRecord(str(i), "" if caption is None else str(caption), source, fingerprint))
+    return records
+
+
+def load_hf_dataset(dataset_name: str, dataset_config_name: str | None = None):
+    """The train split of a Hub dataset, or of a folder written by ``save_to_disk``."""
+    import datasets
+
+    if Path(dataset_name).is_dir() and _is_saved_dataset(Path(dataset_name)):
+        ds = datasets.load_from_disk(dataset_name)
+    else:
+        ds = datasets.load_dataset(dataset_name, dataset_config_name)
+    if isinstance(ds, (datasets.DatasetDict, dict)):
+        if "train" not in ds:
+            raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits: {sorted(ds)})")
+        ds = ds["train"]
+    return ds
+
+
+def collect_records(args) -> list[ImageRecord]:
+    """Records from --dataset_name, or --train_data_dir (an image folder or a ``save_to_disk``
+    folder), cut to --max_train_samples (the first N)."""
+    name = getattr(args, "dataset_name", None)
+    limit = args.max_train_samples
+    if not name and _is_saved_dataset(Path(args.train_data_dir)):
+        name = str(args.train_data_dir)
+    if not name:
+        records = folder_records(args.train_data_dir, args.caption_column)
+        return records[:limit] if limit is not None else records
+    ds = load_hf_dataset(name, getattr(args, "dataset_config_name", None))
+    _check_columns(list(ds.column_names), args)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return dataset_records(ds, args.image_column, args.caption_column, name)
+
+
+def data_origin(args) -> str:
+    """Where the data came from, without the local machine's absolute paths."""
+    if getattr(args, "dataset_name", None):
+        return public_name(args.dataset_name)
+    return Path(args.train_data_dir).name
+
+
+def public_name(name_or_path: str | None) -> str | None:
+    """A Hub id as given; a local path reduced to its last component (no absolute paths in shared files)."""
+    if name_or_path is None:
+        return None
+    if os.path.isabs(name_or_path) or os.path.exists(name_or_path):
+        return Path(name_or_path).resolve().name
+    return name_or_path
+
+
+# ----------------------------------------------------------------------------- image loading
+
+
+def _scale_high_bit_depth(im: Image.Image) -> Image.Image:
+    """I;16 / I / F images to 8-bit L. 16-bit data (I;16*, or I with values above 255) is divided
+    by 257 so 65535 -> 255; float images in [0, 1] are multiplied by 255."""
+    arr = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr / 257.0
+    elif im.mode == "F" and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: transparency is composited onto white, 16-bit is scaled to 8-bit."""
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _scale_high_bit_depth(im)
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _open(source: Any) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source.copy()
+    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+
+
+def load_image(record: ImageRecord) -> Image.Image:
+    """The record's image, fully decoded, EXIF-oriented, RGB. Errors name the file."""
+    try:
+        with _open(record.source) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise ValueError(f"cannot read image {record.name}: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_images(records: list[ImageRecord], skip_broken_images: bool = False) -> tuple[list[ImageRecord], list[str]]:
+    """Decode every image once, before any expensive work; fill in ``original_size``.
+
+    A broken image is an error naming it, or with ``skip_broken_images`` is dropped and
+    reported (a warning naming each; their keys are returned)."""
+    kept, skipped = [], []
+    for record in records:
+        try:
+            im = load_image(record)
+        except ValueError as e:
+            if not skip_broken_images:
+                raise ValueError(f"{e} (pass --skip_broken_images to skip such files)") from None
+            logger.warning("skipping broken image: %s", e)
+            skipped.append(record.key)
+            continue
+        kept.append(replace(record, original_size=(im.height, im.width)))
+    if not kept:
+        raise ValueError(f"no readable images: all {len(records)} were broken")
+    return kept, skipped
+
+
+def check_captions(records: list[ImageRecord], allow_empty_captions: bool = False) -> None:
+    empty = [r.name for r in records if not r.caption.strip()]
+    if empty and not allow_empty_captions:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise ValueError(f"{len(empty)} image(s) have an empty caption: {shown} (pass --allow_empty_captions to train on them)")
+    if empty:
+        logger.warning("%d image(s) have an empty caption (allowed by --allow_empty_captions)", len(empty))
+
+
+def warn_small_images(records: list[ImageRecord], config: "DataConfig") -> list[str]:
+    """Keys of images smaller than their target size (they get upscaled); one warning names them."""
+    small = [r for r in records if any(o < t for o, t in zip(r.original_size, config.target_size(r.original_size)))]
+    if small:
+        logger.warning("%d image(s) are smaller than the training size and will be upscaled: %s",
+                       len(small), ", ".join(r.name for r in small))
+    return [r.key for r in small]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def bucket_resolutions(resolution: int, min_reso: int, max_reso: int, steps: int) -> list[tuple[int, int]]:
+    """kohya's buckets: (h, w) with sides in [min_reso, max_reso], multiples of ``steps``,
+    area <= resolution^2, plus the square bucket."""
+    max_area = resolution * resolution
+    side = (resolution // steps) * steps
+    buckets = {(side, side)}
+    for w in range(steps, max_reso + 1, steps):
+        if w < min_reso:
+            continue
+        h = min(max_reso, (max_area // w) // steps * steps)
+        if h >= min_reso:
+            buckets.update({(h, w), (w, h)})
+    return sorted(buckets)
+
+
+def closest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio w/h is closest to the image's (ties: the larger area)."""
+    ratio = size[1] / size[0]
+    return min(buckets, key=lambda b: (abs(b[1] / b[0] - ratio), -b[0] * b[1]))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The settings that decide how an image becomes a training example."""
+
+    resolution: int = 1024
+    center_crop: bool = False
+    random_flip: bool = False
+    enable_bucket: bool = False
+    min_bucket_reso: int = 512
+    max_bucket_reso: int = 2048
+    bucket_reso_steps: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.resolution <= 0 or self.resolution % VAE_FACTOR:
+            raise ValueError(f"--resolution {self.resolution} must be a positive multiple of {VAE_FACTOR} (the VAE downsamples by 8)")
+        if self.enable_bucket:
+            if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % VAE_FACTOR:
+                raise ValueError(f"--bucket_reso_steps {self.bucket_reso_steps} must be a positive multiple of {VAE_FACTOR}")
+            if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+                raise ValueError(f"--resolution {self.resolution} must lie between --min_bucket_reso {self.min_bucket_reso} "
+                                 f"and --max_bucket_reso {self.max_bucket_reso}")
+
+    @classmethod
+    def from_args(cls, args) -> "DataConfig":
+        """The flags of the same names; a flag that is missing or None keeps the default (seed None -> 0)."""
+        given = {name: getattr(args, name, None) for name in cls.__dataclass_fields__}
+        return cls(**{name: value for name, value in given.items() if value is not None})
+
+    def buckets(self) -> list[tuple[int, int]]:
+        if not self.enable_bucket:
+            return [(self.resolution, self.resolution)]
+        return bucket_resolutions(self.resolution, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps)
+
+    def target_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) the image is trained at."""
+        return closest_bucket(original_size, self.buckets()) if self.enable_bucket else (self.resolution, self.resolution)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def example_generator(seed: int, key: str, purpose: str) -> torch.Generator:
+    """A CPU generator seeded by (seed, example key, purpose): the same draws every run."""
+    digest = hashlib.sha256(f"{seed}\x00{key}\x00{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def resize_to_cover(im: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Scale (keeping the aspect ratio) so the image covers target (h, w): for a square
+    target this puts the shorter side at the resolution."""
+    th, tw = target
+    scale = max(th / im.height, tw / im.width)
+    h, w = max(th, round(im.height * scale)), max(tw, round(im.width * scale))
+    return im if (h, w) == (im.height, im.width) else im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+def transform_image(im: Image.Image, target: tuple[int, int], center_crop: bool, random_flip: bool,
+                    generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize to cover, flip with probability 1/2 (if random_flip), crop to target.
+
+    Returns pixels (3, h, w) in [-1, 1] and the crop's (top, left) in the resized image."""
+    th, tw = target
+    im = resize_to_cover(im, target)
+    flip_draw, top_draw, left_draw = torch.rand(3, generator=generator).tolist()
+    if random_flip and flip_draw < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if center_crop:
+        top, left = max(0, round((im.height - th) / 2)), max(0, round((im.width - tw) / 2))
+    else:
+        top, left = int(top_draw * (im.height - th + 1)), int(left_draw * (im.width - tw + 1))
+    im = im.crop((left, top, left + tw, top + th))
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0, (top, left)
+
+
+def prepare_example(record: ImageRecord, config: DataConfig) -> dict:
+    """The transformed image of one record and its SDXL micro-conditioning."""
+    im = load_image(record)
+    original_size = (im.height, im.width)
+    target = config.target_size(original_size)
+    pixels, crop_top_left = transform_image(im, target, config.center_crop, config.random_flip,
+                                            example_generator(config.seed, record.key, "crop"))
+    return {"key": record.key, "caption": record.caption, "pixel_values": pixels,
+            "time_ids": time_ids(original_size, crop_top_left, target)}
+
+
+def time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL's add_time_ids: original (h, w) + crop (top, left) + target (h, w)."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+@dataclass
+class TrainingImages:
+    """Checked records ready for encoding, and what the checks found."""
+
+    records: list[ImageRecord]
+    config: DataConfig
+    origin: str
+    skipped: list[str] = field(default_factory=list)
+    upscaled: list[str] = field(default_factory=list)
+
+
+def load_training_images(args) -> TrainingImages:
+    """Records from the flags, every image decoded once and every caption checked up-front."""
+    config = DataConfig.from_args(args)
+    records = collect_records(args)
+    records, skipped = check_images(records, bool(getattr(args, "skip_broken_images", False)))
+    check_captions(records, bool(getattr(args, "allow_empty_captions", False)))
+    upscaled = warn_small_images(records, config)
+    return TrainingImages(records, config, data_origin(args), skipped, upscaled)

@@ -1,0 +1,325 @@
+"""Saved settings, the model card, and Hub pushes (final folder and background checkpoint uploads).
+
+A Hub token is read from ``--hub_token``, ``HF_TOKEN`` or the stored login; it is never written into
+settings, cards or log messages."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
+CARD_FILES = ("README.md", "training_settings.json")
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+CHECKPOINT_WEIGHTS = (*LORA_FILES, "unet/*", "unet_ema/*", "text_encoder/*", "text_encoder_2/*")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PAPER = "https://arxiv.org/abs/2404.10177"
+
+
+# ----------------------------------------------------------------------------- tokens and settings
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """``--hub_token``, else ``HF_TOKEN``, else the token stored by ``hf auth login``."""
+    if token:
+        return token
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _known_secrets(extra: str | None = None) -> list[str]:
+    secrets = [extra, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    try:
+        from huggingface_hub import get_token
+
+        secrets.append(get_token())
+    except Exception:  # no stored login, unreadable file
+        pass
+    return [s for s in secrets if s]
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def _holds_secret(value, secrets: list[str]) -> bool:
+    text = json.dumps(value)
+    return any(secret in text for secret in secrets)
+
+
+def public_settings(args) -> dict:
+    """The resolved settings without any ``*token*`` key and without any value holding a Hub token."""
+    items = vars(args) if not isinstance(args, dict) else args
+    secrets = _known_secrets(items.get("hub_token"))
+    out = {}
+    for key, value in sorted(items.items()):
+        if "token" in key.lower():
+            continue
+        value = _jsonable(value)
+        if not _holds_secret(value, secrets):
+            out[key] = value
+    return out
+
+
+def write_settings(output_dir, args) -> Path:
+    path = Path(output_dir) / "training_settings.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(public_settings(args), indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def _front_matter(repo_id, base_model, finetune, image_paths, validation_prompt) -> str:
+    tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers"]
+    tags += ["lora"] if finetune == "lora" else []
+    tags += ["ambient-diffusion", "template:sd-lora"]
+    lines = ["---", "license: openrail++", "library_name: diffusers", f"base_model: {json.dumps(base_model)}", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    if image_paths:
+        lines.append("widget:")
+        for path in image_paths:
+            lines += [f"- text: {json.dumps(validation_prompt or '')}", "  output:", f"    url: {json.dumps(path)}"]
+    lines.append("---")
+    return "\n".join(lines)
+
+
+def _ambient_section(settings: dict) -> str:
+    t_n = int(settings.get("ambient_timestep") or 0)
+    if t_n == 0:
+        head = ("Trained with `ambient_timestep` = 0: the data were treated as clean, so this is an "
+                "ordinary denoising fine-tune.")
+    else:
+        head = (
+            f"The training images were only available as noisy latents at diffusion time t_n = {t_n}: "
+            "y = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps. For t >= t_n the model learned E[x0 | x_t] from y "
+            "with the double Tweedie objective; for t < t_n a consistency loss ties its predictions to its "
+            f"own sampler ([Consistent Diffusion Meets Tweedie]({PAPER}), Daras, Dimakis, Daskalakis, ICML 2024)."
+        )
+    ambient = {k: v for k, v in settings.items()
+               if k.startswith(("ambient", "consistency")) or "weighting" in k or "tweedie" in k}
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in ambient.items())
+    return f"## Ambient training\n\n{head}\n\n| setting | value |\n|---|---|\n{rows}\n"
+
+
+def _usage(repo_id: str, base_model: str, finetune: str) -> str:
+    if finetune == "lora":
+        return (
+            "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionXLPipeline\n\n"
+            f"pipe = StableDiffusionXLPipeline.from_pretrained({base_model!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
+            f"pipe.load_lora_weights({repo_id!r})\nimage = pipe(\"your prompt\").images[0]\n```\n\n"
+            f"For ComfyUI, Automatic1111/Forge and kohya tools use `{LORA_FILES[1]}` (kohya key names, "
+            "original SDXL UNet block names); put it in `models/loras`.\n"
+        )
+    return (
+        "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionXLPipeline\n\n"
+        f"pipe = StableDiffusionXLPipeline.from_pretrained({repo_id!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
+        "image = pipe(\"your prompt\").images[0]\n```\n"
+    )
+
+
+def _card_path(path, output_dir) -> str:
+    """An image path as it will be in the repo: relative to ``output_dir`` (paths may be given
+    absolute, relative to the working directory, or relative to ``output_dir``)."""
+    path = Path(path)
+    if output_dir is None:
+        if path.is_absolute():
+            raise ValueError(f"sample image {path}: give paths relative to the output folder, or pass output_dir")
+        return path.as_posix()
+    root = Path(output_dir).resolve()
+    candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.resolve().is_relative_to(root) and candidate.exists():
+            return candidate.resolve().relative_to(root).as_posix()
+    raise ValueError(f"sample image {path} is not a file inside the output folder {output_dir}")
+
+
+def model_card(*, repo_id: str, base_model: str, settings: dict, finetune: str, image_paths, validation_prompt,
+               output_dir=None) -> str:
+    """README.md for the Hub: YAML front matter (license, base model, tags, widget), the ambient
+    settings, how to load, the kohya/ComfyUI file and sample images (paths as in the repo, i.e.
+    relative to ``output_dir``). Settings pass through :func:`public_settings`: no token reaches the card."""
+    settings = public_settings(settings)
+    images = [_card_path(p, output_dir) for p in image_paths or []]
+    kind = "LoRA" if finetune == "lora" else "full fine-tune"
+    parts = [
+        _front_matter(repo_id, base_model, finetune, images, validation_prompt),
+        f"\n# {repo_id}\n",
+        f"Stable Diffusion XL {kind} of `{base_model}`, trained with sdxl-ambient on noisy data.\n",
+        _ambient_section(settings),
+        _usage(repo_id, base_model, finetune),
+    ]
+    if images:
+        gallery = "\n".join(f"![sample {i}]({p})" for i, p in enumerate(images))
+        parts.append(f"## Samples\n\nPrompt: `{validation_prompt}`\n\n{gallery}\n")
+    parts.append("## Training settings\n\nAll resolved settings are in `training_settings.json`.\n")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- file lists
+
+
+def _rel(paths, root: Path) -> list[str]:
+    return sorted({p.relative_to(root).as_posix() for p in paths if p.is_file()})
+
+
+def _excluded_dir(part: str) -> bool:
+    return part.startswith((".", "checkpoint-", "logs")) or "cache" in part.lower()
+
+
+def final_upload_files(output_dir) -> list[str]:
+    """The files a final push uploads: weights (LoRA in both formats, or the pipeline folder),
+    README.md, training_settings.json and sample images. Never checkpoints, caches, logs or pickles."""
+    root = Path(output_dir)
+    files = [root / n for n in (*LORA_FILES, *CARD_FILES, "model_index.json")]
+    if (root / "model_index.json").is_file():
+        for part in PIPELINE_PARTS:
+            files += [p for p in (root / part).rglob("*") if not p.name.endswith(UNSAFE_SUFFIXES)]
+    for image in root.rglob("*"):
+        rel = image.relative_to(root).parts
+        if image.suffix.lower() in IMAGE_SUFFIXES and not any(_excluded_dir(d) for d in rel[:-1]) \
+                and rel[0] not in PIPELINE_PARTS:
+            files.append(image)
+    return _rel(files, root)
+
+
+def checkpoint_upload_files(checkpoint_dir, include_training_state: bool = False) -> list[str]:
+    """A checkpoint's weights only (LoRA files, unet/, unet_ema/, text encoders), or everything
+    (optimizer, scheduler, RNG states) with ``include_training_state``."""
+    root = Path(checkpoint_dir)
+    if include_training_state:
+        return _rel(root.rglob("*"), root)
+    files = [p for pattern in CHECKPOINT_WEIGHTS for p in root.glob(pattern)]
+    return _rel(files, root)
+
+
+def _patterns(files: list[str]) -> list[str]:
+    return [glob.escape(f) for f in files]
+
+
+# ----------------------------------------------------------------------------- pushing
+
+
+def _api(api, token):
+    if api is not None:
+        return api
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+def push_final(output_dir, repo_id: str, *, token: str | None = None, private: bool = False, api=None):
+    """Create (or reuse) the model repo and upload :func:`final_upload_files` in one commit."""
+    token = resolve_token(token)
+    api = _api(api, token)
+    files = final_upload_files(output_dir)
+    if not files:
+        raise FileNotFoundError(f"{output_dir}: nothing to upload (no weights, card or images)")
+    repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, token=token)
+    repo_id = getattr(repo, "repo_id", repo_id)
+    logger.info("uploading %d files from %s to %s", len(files), output_dir, repo_id)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), allow_patterns=_patterns(files),
+                             commit_message="Upload final weights (sdxl-ambient)", token=token)
+
+
+class CheckpointPusher:
+    """Upload checkpoints in a background thread while training goes on.
+
+    ``mode="subfolder"`` puts checkpoint N under ``checkpoint-N/`` on main; ``mode="branch"`` on a
+    branch ``checkpoint-N``. The files are hard-linked (or copied) into a staging folder before
+    :meth:`push` returns, so deleting old checkpoints cannot race the upload. Upload errors are
+    logged and returned by :meth:`wait`; they never stop training."""
+
+    def __init__(self, repo_id: str, *, token: str | None = None, api=None, include_training_state: bool = False,
+                 mode: str = "subfolder", private: bool = False):
+        if mode not in ("subfolder", "branch"):
+            raise ValueError(f"checkpoint push mode must be 'subfolder' or 'branch', got {mode!r}")
+        self.repo_id, self.mode, self.private = repo_id, mode, private
+        self.include_training_state = include_training_state
+        self._token = resolve_token(token)
+        self._api = _api(api, self._token)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self._futures: list[tuple[int, Future]] = []
+        self._repo_ready = False
+
+    def _stage(self, checkpoint_dir: Path, files: list[str]) -> Path:
+        staging = Path(tempfile.mkdtemp(prefix="sdxl_ambient_push_"))
+        for rel in files:
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(checkpoint_dir / rel, dest)
+            except OSError:
+                shutil.copy2(checkpoint_dir / rel, dest)
+        return staging
+
+    def _upload(self, staging: Path, files: list[str], step: int):
+        try:
+            if not self._repo_ready:
+                self._api.create_repo(repo_id=self.repo_id, private=self.private, exist_ok=True, token=self._token)
+                self._repo_ready = True
+            name = f"checkpoint-{step}"
+            kwargs = dict(repo_id=self.repo_id, folder_path=str(staging), allow_patterns=_patterns(files),
+                          commit_message=f"Checkpoint at step {step}", token=self._token)
+            if self.mode == "branch":
+                self._api.create_branch(repo_id=self.repo_id, branch=name, exist_ok=True, token=self._token)
+                return self._api.upload_folder(**kwargs, revision=name)
+            return self._api.upload_folder(**kwargs, path_in_repo=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def push(self, checkpoint_dir, step: int) -> Future:
+        """Queue an upload of ``checkpoint_dir``'s :func:`checkpoint_upload_files`; returns at once."""
+        checkpoint_dir = Path(checkpoint_dir)
+        files = checkpoint_upload_files(checkpoint_dir, self.include_training_state)
+        if not files:
+            raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint weights to upload")
+        staging = self._stage(checkpoint_dir, files)
+        future = self._executor.submit(self._upload, staging, files, step)
+        self._futures.append((step, future))
+        return future
+
+    def wait(self) -> list[str]:
+        """Block until queued uploads finish; returns one message per failed upload (tokens redacted)."""
+        errors = []
+        for step, future in self._futures:
+            exc = future.exception()
+            if exc is not None:
+                message = _redact(f"checkpoint-{step} upload to {self.repo_id} failed: {type(exc).__name__}: {exc}",
+                                  _known_secrets(self._token))
+                logger.warning(message)
+                errors.append(message)
+        self._futures = []
+        return errors
+
+    def close(self) -> list[str]:
+        errors = self.wait()
+        self._executor.shutdown(wait=True)
+        return errors

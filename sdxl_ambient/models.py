@@ -1,0 +1,431 @@
+"""Loading SDXL, LoRA / full set-up, saving (diffusers + kohya/ComfyUI) and accelerate checkpoint hooks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .lora_formats import diffusers_to_kohya, text_encoder_module_path
+
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+UNET_ATTENTION_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+EMA_DIR, EMA_STATE = "unet_ema", "ema_state.json"
+
+
+@dataclass
+class SDXLComponents:
+    tokenizer: Any
+    tokenizer_2: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    model_id: str
+    vae_id: str | None = None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _looks_local(name: str) -> bool:
+    """A path the user meant as a folder: absolute, ./ ../ ~, or more than one '/' (Hub ids are owner/name)."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
+
+
+def _read_model_index(name: str, revision: str | None) -> dict:
+    from diffusers import DiffusionPipeline
+
+    flag = "--pretrained_model_name_or_path"
+    local = Path(name).expanduser()
+    if local.exists() or _looks_local(name):
+        if not local.is_dir():
+            raise FileNotFoundError(f"{flag} {name}: no such folder")
+        if not (local / "model_index.json").is_file():
+            raise ValueError(f"{flag} {name}: no model_index.json, not a diffusers pipeline folder")
+    try:
+        index = DiffusionPipeline.load_config(str(local) if local.is_dir() else name, revision=revision)
+    except Exception as exc:  # Hub id that cannot be resolved (offline, typo, gated)
+        raise ValueError(f"{flag} {name}: cannot read model_index.json ({type(exc).__name__}: {exc})") from exc
+    cls = index.get("_class_name")
+    if cls not in SDXL_PIPELINE_CLASSES:
+        raise ValueError(f"{flag} {name}: a {cls} pipeline, not Stable Diffusion XL (StableDiffusionXLPipeline)")
+    missing = [part for part in SDXL_PARTS if not index.get(part) or index[part][0] is None]
+    if missing:
+        raise ValueError(f"{flag} {name}: not an SDXL base pipeline, missing {', '.join(missing)}")
+    if local.is_dir():
+        absent = [part for part in SDXL_PARTS if not (local / part).is_dir()]
+        if absent:
+            raise ValueError(f"{flag} {name}: missing sub-folder(s) {', '.join(absent)}")
+    return index
+
+
+def _vae_source(vae_path: str) -> dict:
+    """from_pretrained arguments for --pretrained_vae_model_name_or_path (a VAE folder, a pipeline folder, or a Hub id)."""
+    flag = "--pretrained_vae_model_name_or_path"
+    local = Path(vae_path).expanduser()
+    if local.exists() or _looks_local(vae_path):
+        if not local.is_dir():
+            raise FileNotFoundError(f"{flag} {vae_path}: no such folder")
+        if (local / "config.json").is_file():
+            return {"pretrained_model_name_or_path": str(local)}
+        if (local / "vae" / "config.json").is_file():
+            return {"pretrained_model_name_or_path": str(local), "subfolder": "vae"}
+        raise ValueError(f"{flag} {vae_path}: no config.json (nor vae/config.json), not a diffusers AutoencoderKL")
+    return {"pretrained_model_name_or_path": vae_path}
+
+
+def freeze(*models) -> None:
+    for model in models:
+        if model is not None:
+            model.requires_grad_(False)
+
+
+def load_components(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    pretrained_vae_model_name_or_path: str | None = None,
+    freeze_all: bool = True,
+) -> SDXLComponents:
+    """Load every SDXL part from a diffusers folder or Hub id (safetensors only, no remote code).
+
+    The training scheduler is a ``DDPMScheduler`` built from the model's scheduler config."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    name = pretrained_model_name_or_path
+    _read_model_index(name, revision)
+    if Path(name).expanduser().is_dir():
+        name = str(Path(name).expanduser())
+    common = dict(revision=revision)
+    weights = dict(common, variant=variant, use_safetensors=True)
+    vae_id = pretrained_vae_model_name_or_path
+    vae_kwargs = {**_vae_source(vae_id), "use_safetensors": True} if vae_id else \
+        {"pretrained_model_name_or_path": name, "subfolder": "vae", **weights}
+    components = SDXLComponents(
+        tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer", use_fast=False, **common),
+        tokenizer_2=AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", use_fast=False, **common),
+        text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **weights),
+        vae=AutoencoderKL.from_pretrained(**vae_kwargs),
+        unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights),
+        noise_scheduler=DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common),
+        model_id=pretrained_model_name_or_path,
+        vae_id=vae_id,
+    )
+    if freeze_all:
+        freeze(components.vae, components.text_encoder, components.text_encoder_2, components.unet)
+    return components
+
+
+# ----------------------------------------------------------------------------- LoRA set-up
+
+
+def _add_lora(model, rank: int, alpha: float | None, dropout: float, target_modules: Iterable[str]) -> list[torch.nn.Parameter]:
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {rank}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+    model.add_adapter(config)
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def add_unet_lora(unet, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                  target_modules: Iterable[str] = UNET_ATTENTION_TARGETS) -> list[torch.nn.Parameter]:
+    """Add a peft LoRA adapter to the UNet attention projections; returns its trainable parameters.
+
+    ``W' = W + (alpha / rank) B A``; alpha defaults to rank (scale 1), as in diffusers' scripts."""
+    return _add_lora(unet, rank, alpha, dropout, target_modules)
+
+
+def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None,
+                          target_modules: Iterable[str] = TEXT_ENCODER_ATTENTION_TARGETS) -> list[torch.nn.Parameter]:
+    """Add a peft LoRA adapter to a CLIP text encoder's attention projections; returns its parameters."""
+    return _add_lora(text_encoder, rank, alpha, 0.0, target_modules)
+
+
+def cast_training_params(models, dtype: torch.dtype = torch.float32) -> None:
+    """Upcast the trainable parameters (LoRA or full) to ``dtype``, e.g. fp32 masters under fp16 autocast."""
+    from diffusers.training_utils import cast_training_params as _cast
+
+    models = [m for m in (models if isinstance(models, (list, tuple)) else [models]) if m is not None]
+    _cast(models, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- LoRA save / load
+
+
+def _lora_alpha(model) -> float:
+    return float(model.peft_config["default"].lora_alpha)
+
+
+def _diffusers_lora_layers(model, component: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed ``<module>.lora_A.weight`` / ``.lora_B.weight`` (peft spelling).
+
+    ``load_lora_weights`` reads this spelling as is. diffusers' ``convert_state_dict_to_diffusers`` only
+    renames attention projections (``to_q.lora.down``) and leaves other targets as ``lora_A``; diffusers'
+    loader then decides the format from the first key and silently drops the rest, so we do not use it."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    if component != "unet":
+        state = {text_encoder_module_path(k): v for k, v in state.items()}
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_lora(output_dir, unet=None, text_encoder=None, text_encoder_2=None,
+              metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers) and ``pytorch_lora_weights_kohya.safetensors``.
+
+    The diffusers file carries the peft configs (rank, alpha, targets) as diffusers' adapter metadata,
+    so ``pipe.load_lora_weights(output_dir)`` rebuilds the same scale. ``metadata`` (strings) goes into the
+    kohya file's header next to kohya's ``ss_*`` keys."""
+    from diffusers import StableDiffusionXLPipeline
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    models = {k: m for k, m in models.items() if m is not None}
+    if not models:
+        raise ValueError("save_lora needs at least one model with a LoRA adapter")
+    first = next(iter(models.values())).peft_config["default"]
+    layers = {k: _diffusers_lora_layers(m, k) for k, m in models.items()}
+    configs = {k: m.peft_config["default"].to_dict() for k, m in models.items()}
+    StableDiffusionXLPipeline.save_lora_weights(
+        output_dir,
+        unet_lora_layers=layers.get("unet"),
+        text_encoder_lora_layers=layers.get("text_encoder"),
+        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+        unet_lora_adapter_metadata=configs.get("unet"),
+        text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
+        text_encoder_2_lora_adapter_metadata=configs.get("text_encoder_2"),
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    prefixed = {f"{k}.{name}": t for k, layer in layers.items() for name, t in layer.items()}
+    unet_config = unet.config if unet is not None else None
+    kohya = diffusers_to_kohya(prefixed, {k: _lora_alpha(m) for k, m in models.items()}, unet_config=unet_config)
+    header = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(first.r),
+        "ss_network_alpha": str(float(first.lora_alpha)),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_train_unet_only": str(text_encoder is None and text_encoder_2 is None),
+        **{str(k): str(v) for k, v in (metadata or {}).items()},
+    }
+    save_file(kohya, str(output_dir / KOHYA_WEIGHT_NAME), metadata=header)
+    return [output_dir / LORA_WEIGHT_NAME, output_dir / KOHYA_WEIGHT_NAME]
+
+
+def _lora_file(lora_path) -> Path:
+    path = Path(lora_path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {path}")
+    return path
+
+
+def _set_lora(model, state: dict[str, torch.Tensor], component: str, path: Path) -> None:
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    if not all(".lora_A." in k or ".lora_B." in k for k in state):  # diffusers' older spellings
+        state = convert_unet_state_dict_to_peft(state) if component == "unet" else convert_state_dict_to_peft(state)
+    if component != "unet":
+        if not hasattr(model, "text_model"):  # flattened CLIPTextModel (transformers 5)
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(model, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"{path}: {component} LoRA keys that match no adapter layer: {unexpected[:3]}")
+    expected = {n for n, _ in model.named_parameters() if ".lora_" in n}
+    loaded = {k.removesuffix(".weight") + ".default.weight" for k in state}
+    if expected - loaded:
+        raise ValueError(f"{path}: {component} adapter layers missing from the file: {sorted(expected - loaded)[:3]}")
+
+
+def load_lora_into(unet, text_encoder, text_encoder_2, lora_path) -> None:
+    """Load our diffusers-format LoRA file (or a folder holding it) into peft-wrapped models, exactly."""
+    path = _lora_file(lora_path)
+    state = load_file(str(path))
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for component, model in models.items():
+        part = {k[len(component) + 1:]: v for k, v in state.items() if k.startswith(f"{component}.")}
+        if model is None and part:
+            raise ValueError(f"{path} has {component} LoRA weights but no {component} adapter to load them into "
+                             "(resume with the same --train_text_encoder setting)")
+        if model is not None:
+            if not part:
+                raise ValueError(f"{path} has no {component} LoRA weights")
+            _set_lora(model, part, component, path)
+
+
+# ----------------------------------------------------------------------------- full pipeline
+
+
+def merged_copy(model):
+    """A copy of ``model`` with its LoRA adapters merged into the base weights (W + (alpha/r) B A) and
+    removed; the model itself when it has none. A plain model saves as a plain pipeline part."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not getattr(model, "peft_config", None):
+        return model
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    del model.peft_config
+    model._hf_peft_config_loaded = False
+    return model
+
+
+def save_full_pipeline(output_dir, components, unet, text_encoder=None, text_encoder_2=None) -> Path:
+    """Save a complete ``StableDiffusionXLPipeline`` folder (safetensors) with the trained parts.
+
+    LoRA adapters still attached (e.g. text-encoder LoRA beside a full UNet) are merged into the
+    saved weights. The inference scheduler is SDXL's Euler discrete scheduler built from the model's
+    scheduler config."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae,
+        text_encoder=merged_copy(text_encoder or components.text_encoder),
+        text_encoder_2=merged_copy(text_encoder_2 or components.text_encoder_2),
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=merged_copy(unet),
+        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+    )
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return Path(output_dir)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def _ema_names(ema_unet, unet) -> list[str]:
+    """UNet parameter names when the EMA covers the whole UNet (full fine-tune), else positions
+    (an EMA of the trainable subset, e.g. LoRA parameters, as the trainer built it)."""
+    names = [n for n, _ in unet.named_parameters()]
+    if len(names) == len(ema_unet.shadow_params):
+        return names
+    return [f"shadow_params.{i}" for i in range(len(ema_unet.shadow_params))]
+
+
+def save_ema(directory, ema_unet, unet) -> None:
+    """EMA tensors as safetensors and the EMA counters as JSON. For a whole-UNet EMA the folder is
+    also a loadable UNet (``UNet2DConditionModel.from_pretrained(directory)``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = _ema_names(ema_unet, unet)
+    tensors = {n: p.detach().contiguous() for n, p in zip(names, ema_unet.shadow_params)}
+    save_file(tensors, str(directory / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    if not names[0].startswith("shadow_params."):
+        unet.save_config(directory)
+    counters = {k: v for k, v in ema_unet.state_dict().items() if k != "shadow_params"}
+    (directory / EMA_STATE).write_text(json.dumps(counters, indent=2))
+
+
+def load_ema(directory, ema_unet, unet) -> None:
+    directory = Path(directory)
+    tensors = load_file(str(directory / "diffusion_pytorch_model.safetensors"))
+    names = _ema_names(ema_unet, unet)
+    if set(names) != set(tensors):
+        raise ValueError(f"{directory}: EMA tensors do not match this run's EMA ({len(tensors)} saved, {len(names)} now)")
+    state = json.loads((directory / EMA_STATE).read_text())
+    state["shadow_params"] = [tensors[n].to(old.device) for n, old in zip(names, ema_unet.shadow_params)]
+    ema_unet.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- accelerate hooks
+
+
+def _has_lora(model) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def _save_whole(model, directory: Path) -> None:
+    if hasattr(model, "save_config"):  # diffusers
+        model.save_pretrained(directory, safe_serialization=True)
+    else:  # transformers 5 writes safetensors only
+        model.save_pretrained(directory)
+
+
+def _load_whole(model, directory: Path) -> None:
+    if hasattr(model, "save_config"):  # diffusers: the file holds the state dict as is
+        model.load_state_dict(load_file(str(directory / "diffusion_pytorch_model.safetensors")))
+    else:  # transformers may rename keys on save; let it read its own folder
+        model.load_state_dict(type(model).from_pretrained(directory, use_safetensors=True).state_dict())
+
+
+def register_checkpoint_hooks(accelerator, *, finetune: str, unet, text_encoder=None, text_encoder_2=None,
+                              ema_unet=None) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` write and restore our weights as safetensors.
+
+    Models with a LoRA adapter go to ``pytorch_lora_weights{,_kohya}.safetensors`` (:func:`save_lora`),
+    the others whole to ``unet/``, ``text_encoder/``, ``text_encoder_2/`` (``save_pretrained``); the EMA
+    to ``unet_ema/``. Pass the text encoders only when they train. The hooks take the models they
+    handle out of accelerate's ``weights`` / ``models`` lists so they are not also pickled; optimizer,
+    LR scheduler and RNG states stay with accelerate."""
+    if finetune not in ("lora", "full"):
+        raise ValueError(f"--finetune must be 'lora' or 'full', got {finetune!r}")
+    unwrap = accelerator.unwrap_model
+    named = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    named = {k: unwrap(m) for k, m in named.items() if m is not None}
+    if _has_lora(named["unet"]) != (finetune == "lora"):
+        raise ValueError(f"--finetune {finetune} but the UNet {'has' if _has_lora(named['unet']) else 'has no'} LoRA adapter")
+    lora = {k: m for k, m in named.items() if _has_lora(m)}
+    whole = {k: m for k, m in named.items() if not _has_lora(m)}
+
+    def _handled(models) -> list[int]:
+        return [i for i, m in enumerate(models) if any(unwrap(m) is n for n in named.values())]
+
+    def save_hook(models, weights, output_dir):
+        out = Path(output_dir)
+        if accelerator.is_main_process:
+            if lora:
+                save_lora(out, lora.get("unet"), lora.get("text_encoder"), lora.get("text_encoder_2"))
+            for key, model in whole.items():
+                _save_whole(model, out / key)
+            if ema_unet is not None:
+                save_ema(out / EMA_DIR, ema_unet, named["unet"])
+        if len(weights) == len(models):
+            for i in reversed(_handled(models)):
+                weights.pop(i)
+
+    def load_hook(models, input_dir):
+        for i in reversed(_handled(models)):
+            models.pop(i)
+        src = Path(input_dir)
+        if lora:
+            load_lora_into(lora.get("unet"), lora.get("text_encoder"), lora.get("text_encoder_2"), src)
+        for key, model in whole.items():
+            _load_whole(model, src / key)
+        if ema_unet is not None:
+            load_ema(src / EMA_DIR, ema_unet, named["unet"])
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,86 @@
+"""One training step's objective: the SDXL UNet as a function of (x_t, t), and the ambient loss built on it.
+
+    batch (noisy latent y at t_n, text embeddings, micro-conditioning)
+      -> t ~ U{t_n..T-1}, x_t = renoise(y)          (objectives.draw_timesteps, objectives.renoise)
+      -> out = UNet(x_t, t | text, time_ids)         (conditioned_unet)
+      -> ambient Tweedie loss against y              (objectives.ambient_tweedie_loss)
+      -> + consistency loss from the same x_t, t     (objectives.consistency_loss, anchor reused)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from sdxl_ambient.objectives import (
+    DEFAULT_WEIGHT_CAP,
+    ambient_tweedie_loss,
+    consistency_loss,
+    draw_timesteps,
+    renoise,
+    x0_from_model_output,
+)
+
+Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def conditioned_unet(unet, prompt_embeds, pooled_prompt_embeds, time_ids, dtype=None) -> Net:
+    """``net(x_t, t)`` -> the UNet's raw output for this batch's conditioning.
+
+    ``net`` accepts k stacked copies of the batch (k*B samples, e.g. the two consistency
+    chains) and repeats the conditioning k times."""
+    dtype = dtype or prompt_embeds.dtype
+    cond = (prompt_embeds.to(dtype), pooled_prompt_embeds.to(dtype), time_ids.to(dtype))
+    b = prompt_embeds.shape[0]
+
+    def net(x, t):
+        k = x.shape[0] // b
+        pe, pooled, ids = (c if k == 1 else c.repeat(k, *([1] * (c.ndim - 1))) for c in cond)
+        out = unet(x.to(dtype), t, encoder_hidden_states=pe,
+                   added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0]
+        return out.float()
+
+    return net
+
+
+@dataclass
+class AmbientObjective:
+    """The ambient objective of one step: Tweedie loss above t_n, consistency below it.
+
+    ``__call__(net, observed, observed_timesteps)`` returns per-sample losses (B,) under the keys
+    "loss" (what to minimise), "ambient" and "consistency". The consistency loss starts from the
+    same x_t and t as the ambient loss and reuses its forward pass as the anchor, so it adds one
+    batched call of 2B samples per chain step."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+    weighting: str = "epsilon"
+    weight_cap: float = DEFAULT_WEIGHT_CAP
+    consistency_weight: float = 0.0
+    consistency_steps: int = 1
+    consistency_max_delta: int = 100
+    num_train_timesteps: int = 1000
+
+    def __call__(self, net: Net, observed, observed_timesteps, *, generator=None, use_consistency=True):
+        abar = self.alphas_cumprod.to(observed.device)
+        t = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator)
+        noise = torch.randn(observed.shape, generator=generator, device=observed.device, dtype=torch.float32)
+        x_t = renoise(observed.float(), observed_timesteps, t, noise, abar)
+        out = net(x_t, t)
+        ambient = ambient_tweedie_loss(out, x_t, observed, t, observed_timesteps, abar,
+                                       prediction_type=self.prediction_type, weighting=self.weighting,
+                                       weight_cap=self.weight_cap)
+        losses = {"ambient": ambient, "loss": ambient}
+        if use_consistency and self.consistency_weight > 0:
+            def denoiser(x, tt):
+                return x0_from_model_output(net(x, tt), x, tt, abar, self.prediction_type)
+
+            anchor = x0_from_model_output(out, x_t, t, abar, self.prediction_type)
+            cons = consistency_loss(denoiser, x_t, t, abar, anchor_x0=anchor, num_steps=self.consistency_steps,
+                                    max_delta=self.consistency_max_delta, weight=self.consistency_weight,
+                                    generator=generator)
+            losses["consistency"] = cons
+            losses["loss"] = ambient + cons
+        return losses

@@ -1,0 +1,329 @@
+"""The training loop: `accelerate launch train_sdxl_ambient.py --config configs/NAME.yaml`.
+
+Read top to bottom: flags -> accelerator -> SDXL parts -> noisy-latent cache -> trainable
+parameters (LoRA or full) -> optimizer -> resume -> steps (step.AmbientObjective) ->
+checkpoints / validation -> final weights, model card, Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from sdxl_ambient import checkpointing
+from sdxl_ambient.config import parse_args
+from sdxl_ambient.objectives import DEFAULT_WEIGHT_CAP
+from sdxl_ambient.step import AmbientObjective, conditioned_unet
+
+logger = logging.getLogger("sdxl_ambient")
+RESULT_FILES = ("pytorch_lora_weights.safetensors", "model_index.json", "training_settings.json")
+
+
+def check_output_dir(args) -> None:
+    """Refuse to write over a finished or running output folder unless asked to."""
+    out = Path(args.output_dir)
+    if args.overwrite_output_dir or args.resume_from_checkpoint or not out.is_dir():
+        return
+    found = [name for name in RESULT_FILES if (out / name).exists()] + [p.name for p in checkpointing.list_checkpoints(out)]
+    if found:
+        raise ValueError(f"--output_dir {out} already holds {found[:3]}: pass --resume_from_checkpoint latest to continue, "
+                         "--overwrite_output_dir to write over it, or choose another folder")
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None if args.report_to in (None, "none") else args.report_to
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+
+
+def resolve_seed(args, resume_path) -> int:
+    """The run's seed: the flag, the resumed run's, or a fresh random one (recorded with the outputs)."""
+    if args.seed is not None:
+        return args.seed
+    if resume_path is not None:
+        import json
+
+        return json.loads((resume_path / checkpointing.STATE_FILE).read_text())["seed"]
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def place_frozen(args, components, accelerator, weight_dtype) -> None:
+    """Freeze every part and put the encoders on the device: the VAE in fp32 unless a separate
+    (fixed) VAE was given, the text encoders in the training precision."""
+    for module in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
+        module.requires_grad_(False)
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+    components.vae.to(accelerator.device, dtype=vae_dtype)
+    for te in (components.text_encoder, components.text_encoder_2):
+        te.to(accelerator.device, dtype=weight_dtype)
+
+
+def setup_trainable(args, components, accelerator, weight_dtype):
+    """Freeze the base model, add what trains (LoRA adapters or the whole UNet); returns the trainable parameters."""
+    from sdxl_ambient import models
+
+    unet, te1, te2 = components.unet, components.text_encoder, components.text_encoder_2
+    if args.finetune == "full":
+        unet.requires_grad_(True)
+        unet.to(accelerator.device, dtype=torch.float32)
+    else:
+        unet.to(accelerator.device, dtype=weight_dtype)
+        models.add_unet_lora(unet, rank=args.rank, alpha=args.lora_alpha)
+    text_encoders = (te1, te2)
+    if args.train_text_encoder:
+        for te in text_encoders:
+            models.add_text_encoder_lora(te, rank=args.rank, alpha=args.lora_alpha)
+    trained = [unet] + (list(text_encoders) if args.train_text_encoder else [])
+    if args.mixed_precision == "fp16":
+        models.cast_training_params(trained, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for te in text_encoders:
+                te.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # xformers missing or unusable on this device
+            raise ValueError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({exc})") from exc
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    return trained, params
+
+
+def make_optimizer(args, params):
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install 'sdxl-ambient[bnb]'") from exc
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=params[0].is_cuda, **kwargs)
+
+
+def batch_conditioning(args, batch, text_encoders):
+    """Text conditioning of a batch: cached embeddings, or the (LoRA-trained) text encoders on cached token ids."""
+    if not args.train_text_encoder:
+        return batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    one, two = text_encoders
+    out_one = one(batch["input_ids_one"], output_hidden_states=True)
+    out_two = two(batch["input_ids_two"], output_hidden_states=True)
+    return torch.cat([out_one.hidden_states[-2], out_two.hidden_states[-2]], dim=-1), out_two[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_output_dir(args)
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from sdxl_ambient import hub, models, validation
+    from sdxl_ambient.cache import BucketBatchSampler, prepare_cache
+
+    accelerator = make_accelerator(args)
+    resume_path = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    args.seed = resolve_seed(args, resume_path)
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # SDXL parts and the noisy-latent cache (the only data the loop ever sees).
+    components = models.load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                        pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path)
+    if args.prediction_type:
+        components.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    place_frozen(args, components, accelerator, weight_dtype)
+    cache = prepare_cache(args, components, accelerator)  # sets args.ambient_timestep from a latent dataset
+    num_timesteps = components.noise_scheduler.config.num_train_timesteps
+    if args.ambient_timestep >= num_timesteps:
+        raise ValueError(f"--ambient_timestep {args.ambient_timestep} must be below the scheduler's {num_timesteps} timesteps")
+    if args.consistency_weight > 0 and args.ambient_timestep == 0:
+        raise ValueError("--consistency_weight > 0 needs data with noise (--ambient_timestep > 0)")
+    val_prompts = validation.encode_prompts(components, args) if args.validation_prompt else None
+    if not args.train_text_encoder:  # the cache holds the embeddings: free the device
+        components.text_encoder.to("cpu")
+        components.text_encoder_2.to("cpu")
+
+    trained, params = setup_trainable(args, components, accelerator, weight_dtype)
+    unet = components.unet
+    text_encoders = (components.text_encoder, components.text_encoder_2)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(args, params)
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay)
+        ema.to(accelerator.device)
+
+    # The data order is ours (seeded by epoch, sharded by process, resumable), so the loader is not prepared.
+    sampler = BucketBatchSampler(cache.latent_shapes(), args.train_batch_size, seed=args.seed,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+                                         pin_memory=accelerator.device.type == "cuda")
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes)
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    trained, (optimizer, lr_scheduler) = list(prepared[: len(trained)]), prepared[len(trained):]
+    unet_model = trained[0]  # the wrapped (DDP/FSDP) UNet: call this one so gradients are synchronised
+    text_models = tuple(trained[1:]) if args.train_text_encoder else text_encoders
+    models.register_checkpoint_hooks(accelerator, finetune=args.finetune, unet=unet,
+                                     text_encoder=text_encoders[0] if args.train_text_encoder else None,
+                                     text_encoder_2=text_encoders[1] if args.train_text_encoder else None,
+                                     ema_unet=ema)
+
+    objective = AmbientObjective(
+        alphas_cumprod=components.noise_scheduler.alphas_cumprod.to(accelerator.device),
+        prediction_type=components.noise_scheduler.config.prediction_type,
+        weighting=args.loss_weighting,
+        weight_cap=args.loss_weight_cap or DEFAULT_WEIGHT_CAP,
+        consistency_weight=args.consistency_weight,
+        consistency_steps=args.consistency_steps,
+        consistency_max_delta=args.consistency_max_delta or max(args.ambient_timestep, 1),
+        num_train_timesteps=num_timesteps,
+    )
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1009 + accelerator.process_index)
+
+    global_step = 0
+    if resume_path is not None:
+        state = checkpointing.load_checkpoint(accelerator, resume_path, generator)
+        global_step = state["global_step"]
+        logger.info("resumed from %s at step %d", resume_path, global_step)
+    if accelerator.is_main_process:
+        hub.write_settings(args.output_dir, args)
+        accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(args).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+    pusher = hub.CheckpointPusher(args.hub_model_id or Path(args.output_dir).name,
+                                  include_training_state=args.push_training_state) \
+        if args.push_checkpoints_to_hub and accelerator.is_main_process else None
+
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def save(step):
+        path = checkpointing.save_checkpoint(accelerator, args.output_dir, step,
+                                             {"global_step": step, "seed": args.seed}, generator,
+                                             total_limit=args.checkpoints_total_limit)
+        if pusher is not None:
+            pusher.push(path, step)
+
+    logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
+                len(cache), steps_per_epoch, max_steps, args.ambient_timestep, args.consistency_weight,
+                accelerator.num_processes)
+    progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    running, running_count, nonfinite_in_row = None, 0, 0
+    for epoch in range(global_step // steps_per_epoch, num_epochs):
+        first = epoch == global_step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * args.gradient_accumulation_steps if first else 0)
+        for m in trained:
+            m.train()
+        for batch in loader:
+            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with accelerator.accumulate(*trained):
+                prompt_embeds, pooled = batch_conditioning(args, batch, text_models)
+                net = conditioned_unet(unet_model, prompt_embeds, pooled, batch["time_ids"], dtype=weight_dtype)
+                with accelerator.autocast():
+                    losses = objective(net, batch["observed"], batch["observed_timestep"], generator=generator,
+                                       use_consistency=global_step >= args.consistency_start_step)
+                loss = losses["loss"].mean()
+                nonfinite = ~torch.isfinite(loss.detach())
+                if accelerator.num_processes > 1:
+                    nonfinite = accelerator.reduce(nonfinite.float(), "sum") > 0
+                if nonfinite.item():  # skip the update, keep the data order: the step still counts
+                    nonfinite_in_row += 1
+                    logger.warning("non-finite loss at step %d (%d in a row): update skipped", global_step, nonfinite_in_row)
+                    optimizer.zero_grad(set_to_none=True)
+                    if nonfinite_in_row >= args.max_nonfinite_steps:
+                        save(global_step)
+                        raise RuntimeError(f"{nonfinite_in_row} non-finite losses in a row (--max_nonfinite_steps); "
+                                           f"the last good state is saved in {args.output_dir}/checkpoint-{global_step}")
+                else:
+                    nonfinite_in_row = 0
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    terms = torch.stack([losses["loss"].detach().mean(), losses["ambient"].detach().mean(),
+                                         losses.get("consistency", torch.zeros_like(loss)).detach().mean()])
+                    running = terms if running is None else running + terms
+                    running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(params)
+            global_step += 1
+            progress.update(1)
+            if (global_step % args.logging_steps == 0 or global_step == max_steps) and running is not None:
+                values = (accelerator.reduce(running / running_count, "mean")).tolist()
+                logs = {"loss": values[0], "ambient_loss": values[1], "consistency_loss": values[2],
+                        "lr": lr_scheduler.get_last_lr()[0]}
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{values[0]:.4g}")
+                running, running_count = None, 0
+            if global_step % args.checkpointing_steps == 0 or stop["signal"] is not None:
+                save(global_step)
+            if stop["signal"] is not None:
+                logger.warning("stopped by signal %s at step %d; resume with --resume_from_checkpoint latest",
+                               stop["signal"], global_step)
+                accelerator.end_training()
+                return 143
+            if val_prompts is not None and global_step % args.validation_steps == 0:
+                validation.log_validation(components, accelerator, args, val_prompts, global_step, weight_dtype)
+            if global_step >= max_steps:
+                break
+        if global_step >= max_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(params)
+        final_unet = accelerator.unwrap_model(unet)
+        if args.finetune == "lora":
+            models.save_lora(args.output_dir, final_unet,
+                             accelerator.unwrap_model(text_encoders[0]) if args.train_text_encoder else None,
+                             accelerator.unwrap_model(text_encoders[1]) if args.train_text_encoder else None)
+        else:
+            models.save_full_pipeline(args.output_dir, components, final_unet)
+        images = validation.final_images(components, accelerator, args, val_prompts, weight_dtype) if val_prompts else []
+        card = hub.model_card(repo_id=args.hub_model_id or Path(args.output_dir).name,
+                              base_model=args.pretrained_model_name_or_path, settings=hub.public_settings(args),
+                              finetune=args.finetune, image_paths=images, validation_prompt=args.validation_prompt,
+                              output_dir=args.output_dir)
+        (Path(args.output_dir) / "README.md").write_text(card)
+        if pusher is not None:
+            pusher.close()
+        if args.push_to_hub:
+            hub.push_final(args.output_dir, args.hub_model_id or Path(args.output_dir).name, private=args.hub_private_repo)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Validation images during training: sampled with the model being trained, sent to the trackers, saved as a grid.
+
+The prompts are encoded once at start-up, so the text encoders need not stay on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def image_grid(images, cols: int | None = None):
+    """Paste PIL images of one size into a grid (rows filled left to right)."""
+    from PIL import Image
+
+    cols = cols or min(len(images), 4)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _pipeline(components, unet):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
+    return StableDiffusionXLPipeline(vae=components.vae, text_encoder=None, text_encoder_2=None,
+                                     tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2,
+                                     unet=unet, scheduler=scheduler)
+
+
+@torch.no_grad()
+def encode_prompts(components, args) -> dict:
+    """The validation prompt's embeddings (and the negative, empty prompt's), made once."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                     text_encoder_2=components.text_encoder_2, tokenizer=components.tokenizer,
+                                     tokenizer_2=components.tokenizer_2, unet=components.unet,
+                                     scheduler=components.noise_scheduler)
+    device = components.text_encoder.device
+    pe, neg, pooled, neg_pooled = pipe.encode_prompt(args.validation_prompt, device=device, num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=True)
+    return {"prompt_embeds": pe, "negative_prompt_embeds": neg,
+            "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
+
+
+@torch.no_grad()
+def sample_images(components, unet, args, prompts: dict, accelerator, weight_dtype, num_images: int):
+    unet_module = accelerator.unwrap_model(unet)
+    was_training = unet_module.training
+    unet_module.eval()
+    pipe = _pipeline(components, unet_module)
+    pipe.set_progress_bar_config(disable=True)
+    device = accelerator.device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    embeds = {k: v.to(device=device, dtype=weight_dtype) for k, v in prompts.items()}
+    images = []
+    with accelerator.autocast():
+        for _ in range(num_images):
+            images += pipe(**embeds, num_inference_steps=args.validation_inference_steps, generator=generator,
+                           height=args.resolution, width=args.resolution).images
+    if was_training:
+        unet_module.train()
+    return images
+
+
+def log_validation(components, accelerator, args, prompts, step: int, weight_dtype) -> Path:
+    """Sample ``num_validation_images``, log them to every tracker and save ``validation/step-N.png``."""
+    import numpy as np
+
+    images = sample_images(components, components.unet, args, prompts, accelerator, weight_dtype, args.num_validation_images)
+    out = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
+    if accelerator.is_main_process:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(out)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=args.validation_prompt) for im in images]}, step=step)
+    logger.info("validation images for step %d in %s", step, out)
+    return out
+
+
+def final_images(components, accelerator, args, prompts, weight_dtype) -> list[Path]:
+    """Sample images with the final weights into OUTPUT_DIR/samples for the model card."""
+    images = sample_images(components, components.unet, args, prompts, accelerator, weight_dtype, args.num_validation_images)
+    folder = Path(args.output_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(folder / f"sample_{i}.png")
+        im.save(paths[-1])
+    return paths

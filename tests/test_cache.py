@@ -1,0 +1,301 @@
+"""The noisy-latent cache, its sampler, prepare_cache and `sdxl-ambient corrupt`."""
+
+import contextlib
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdxl_ambient import cache as cache_mod
+from sdxl_ambient.cache import BucketBatchSampler, LatentCache, build_cache, prepare_cache
+from sdxl_ambient.data import load_training_images, prepare_example
+from sdxl_ambient.objectives import add_noise
+
+T_N = 500
+# (h, w) of the test images: three aspect ratios -> three buckets at resolution 64
+SIZES = [(64, 64), (48, 80), (80, 48), (64, 64), (48, 80), (80, 48), (64, 64)]
+
+
+@pytest.fixture(scope="module")
+def components(tiny_pipeline_dir):
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    return types.SimpleNamespace(
+        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2, vae=pipe.vae, unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), model_id=str(tiny_pipeline_dir), vae_id=None)
+
+
+@pytest.fixture
+def noise_folder(tmp_path) -> Path:
+    """Images of seeded random noise (each recognisable by its content), captioned by their number."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = []
+    for k, (h, w) in enumerate(SIZES):
+        pixels = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{k}.png")
+        rows.append({"file_name": f"img{k}.png", "text": f"picture number {k}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+def flags(folder, tmp_path, **overrides):
+    base = dict(train_data_dir=str(folder), dataset_name=None, image_column="image", caption_column="text",
+                max_train_samples=None, resolution=64, center_crop=False, random_flip=True, enable_bucket=True,
+                min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, skip_broken_images=False,
+                allow_empty_captions=False, seed=7, ambient_timestep=T_N, output_dir=str(tmp_path / "out"), cache_dir=None)
+    return types.SimpleNamespace(**{**base, **overrides})
+
+
+def build(folder, tmp_path, components, cache_dir, shard_size=3, **overrides):
+    images = load_training_images(flags(folder, tmp_path, **overrides))
+    return build_cache(cache_dir, images, components, overrides.get("ambient_timestep", T_N), shard_size=shard_size, batch_size=2)
+
+
+def all_tensors(cache_dir: Path) -> dict:
+    out = {}
+    for shard in sorted(cache_dir.glob("shard-*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def expected_observation(folder, tmp_path, components, k, t_n=T_N, seed=7):
+    """y of image k computed independently: its own VAE latent, its own fixed noise, add_noise."""
+    images = load_training_images(flags(folder, tmp_path, seed=seed))
+    record = next(r for r in images.records if r.key == f"img{k}.png")
+    pixels = prepare_example(record, images.config)["pixel_values"][None]
+    z = cache_mod.encode_latents(components.vae, pixels, [record.key], seed, "cpu")
+    noise = cache_mod.example_noise(z.shape[1:], seed, record.key)[None]
+    return add_noise(z, torch.tensor([t_n]), noise, components.noise_scheduler.alphas_cumprod)[0], z[0]
+
+
+def test_each_latent_is_its_image_noised_with_its_fixed_noise(noise_folder, tmp_path, components):
+    cache = build(noise_folder, tmp_path, components, tmp_path / "c")
+    assert len(cache) == len(SIZES)
+    for i in range(len(cache)):
+        item = cache[i]
+        k = int(item["caption"].split()[-1])
+        y, z = expected_observation(noise_folder, tmp_path, components, k)
+        torch.testing.assert_close(item["observed"], y, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(item["observed"], z, atol=1e-2)  # the clean latent is not what is stored
+        assert tuple(item["observed"].shape[1:]) == (SIZES[k][0] // 8, SIZES[k][1] // 8)
+        assert item["observed_timestep"].item() == T_N and item["index"].item() == i
+        assert item["time_ids"][:2].tolist() == list(SIZES[k])
+        ids = cache_mod.tokenize(components.tokenizer, [item["caption"]])
+        embeds, pooled = cache_mod.encode_prompts(components, ids, cache_mod.tokenize(components.tokenizer_2, [item["caption"]]), "cpu")
+        torch.testing.assert_close(item["prompt_embeds"].float(), embeds[0], rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(item["pooled_prompt_embeds"].float(), pooled[0], rtol=1e-2, atol=1e-3)
+        assert torch.equal(item["input_ids_one"], ids[0])
+
+
+def test_fixed_noise_is_per_example_and_reproducible(noise_folder, tmp_path, components):
+    a = build(noise_folder, tmp_path, components, tmp_path / "a")
+    b = build(noise_folder, tmp_path, components, tmp_path / "b")
+    ta, tb = all_tensors(a.cache_dir), all_tensors(b.cache_dir)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    n0, n1 = cache_mod.example_noise((4, 8, 8), 7, "img0.png"), cache_mod.example_noise((4, 8, 8), 7, "img3.png")
+    assert not torch.allclose(n0, n1)
+    assert torch.equal(n0, cache_mod.example_noise((4, 8, 8), 7, "img0.png"))
+    assert not torch.allclose(n0, cache_mod.example_noise((4, 8, 8), 8, "img0.png"))
+
+
+def test_identical_images_get_different_noise(noise_folder, tmp_path, components):
+    (noise_folder / "dup.png").write_bytes((noise_folder / "img0.png").read_bytes())
+    with open(noise_folder / "metadata.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"file_name": "dup.png", "text": "picture number 0"}))
+    cache = build(noise_folder, tmp_path, components, tmp_path / "c", random_flip=False)
+    first, dup = cache[0]["observed"], cache[len(SIZES)]["observed"]
+    assert first.shape == dup.shape and (first - dup).abs().mean() > 0.3
+
+
+def test_clean_cache_at_t_n_zero_stores_the_vae_latent(noise_folder, tmp_path, components):
+    cache = build(noise_folder, tmp_path, components, tmp_path / "clean", ambient_timestep=0)
+    k = int(cache[0]["caption"].split()[-1])
+    _, z = expected_observation(noise_folder, tmp_path, components, k, t_n=0)
+    torch.testing.assert_close(cache[0]["observed"], z, rtol=1e-5, atol=1e-5)
+
+
+def test_captions_stay_paired_through_shuffled_bucketed_batches(noise_folder, tmp_path, components):
+    cache = build(noise_folder, tmp_path, components, tmp_path / "c")
+    sampler = BucketBatchSampler(cache.latent_shapes(), batch_size=2, seed=1)
+    loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler)
+    captions = [e["caption"] for e in cache.manifest["data"]["examples"]]
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen = []
+        for batch in loader:
+            for r, i in enumerate(batch["index"].tolist()):
+                assert batch["caption"][r] == captions[i] == cache[i]["caption"]
+                assert torch.equal(batch["observed"][r], cache[i]["observed"])  # same fixed noise every epoch
+            seen += batch["index"].tolist()
+        assert sorted(seen) == list(range(len(cache)))
+        orders.append(seen)
+    assert len(loader) == len(sampler) == 4  # buckets of 3, 2, 2 examples
+    assert orders[0] != orders[1]
+
+
+def test_bucket_batch_sampler_is_homogeneous_and_deterministic():
+    shapes = [(8, 8)] * 5 + [(6, 12)] * 4 + [(12, 6)] * 3
+    sampler = BucketBatchSampler(shapes, batch_size=2, seed=3)
+    sampler.set_epoch(4)
+    first = list(sampler)
+    assert all(len({shapes[i] for i in b}) == 1 for b in first)
+    assert sorted(i for b in first for i in b) == list(range(12)) and len(first) == len(sampler) == 7
+    again = BucketBatchSampler(shapes, batch_size=2, seed=3)  # another process, or after a resume
+    again.set_epoch(4)
+    assert list(again) == first
+    sampler.set_epoch(5)
+    assert list(sampler) != first
+    dropped = BucketBatchSampler(shapes, batch_size=2, seed=3, drop_last=True)
+    assert len(dropped) == len(list(dropped)) == 5 and all(len(b) == 2 for b in dropped)
+
+
+@pytest.mark.parametrize("damage", ["delete_shard", "forget_shards", "truncate_shard", "delete_manifest"])
+def test_interrupted_cache_is_completed_identically(noise_folder, tmp_path, components, damage, monkeypatch):
+    reference = all_tensors(build(noise_folder, tmp_path, components, tmp_path / "ref").cache_dir)
+    cache_dir = tmp_path / "cut"
+    build(noise_folder, tmp_path, components, cache_dir)
+    manifest_path = cache_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "delete_shard":
+        (cache_dir / "shard-00001.safetensors").unlink()
+        expected = ["shard-00001.safetensors"]
+    elif damage == "forget_shards":  # the run died before the manifest recorded the last shards
+        manifest["complete"] = False
+        for name in ("shard-00001.safetensors", "shard-00002.safetensors"):
+            del manifest["shards"][name]
+        manifest_path.write_text(json.dumps(manifest))
+        expected = ["shard-00001.safetensors", "shard-00002.safetensors"]
+    elif damage == "truncate_shard":
+        shard = cache_dir / "shard-00000.safetensors"
+        shard.write_bytes(shard.read_bytes()[:200])
+        expected = ["shard-00000.safetensors"]
+    else:
+        manifest_path.unlink()
+        expected = [f"shard-0000{n}.safetensors" for n in range(3)]
+    if damage != "forget_shards":
+        with pytest.raises((ValueError, FileNotFoundError), match="shard|manifest"):
+            LatentCache(cache_dir)
+    encoded = []
+    real = cache_mod.encode_shard
+    monkeypatch.setattr(cache_mod, "encode_shard", lambda images, indices, *a, **k: encoded.append(indices) or real(images, indices, *a, **k))
+    build(noise_folder, tmp_path, components, cache_dir)
+    assert [cache_mod.shard_name(idx[0] // 3) for idx in encoded] == expected
+    completed = all_tensors(cache_dir)
+    assert completed.keys() == reference.keys() and all(torch.equal(completed[k], reference[k]) for k in reference)
+    assert len(LatentCache(cache_dir)) == len(SIZES)
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(ambient_timestep=300), "ambient_timestep"),
+    (dict(resolution=48, min_bucket_reso=16), "resolution"),
+    (dict(seed=8), "seed"),
+    (dict(center_crop=True), "center_crop"),
+    ("edit_image", "img4.png"),
+    ("edit_caption", "caption"),
+])
+def test_cache_with_other_settings_or_data_is_refused(noise_folder, tmp_path, components, change, named):
+    build(noise_folder, tmp_path, components, tmp_path / "c")
+    overrides = change if isinstance(change, dict) else {}
+    if change == "edit_image":
+        Image.new("RGB", SIZES[4][::-1], (1, 2, 3)).save(noise_folder / "img4.png")
+    elif change == "edit_caption":
+        rows = [json.loads(line) for line in (noise_folder / "metadata.jsonl").read_text().splitlines()]
+        rows[1]["text"] = "another caption"
+        (noise_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=f"(?s){named}.*another --cache_dir"):
+        build(noise_folder, tmp_path, components, tmp_path / "c", **overrides)
+
+
+def test_nonfinite_latents_name_the_files_and_suggest_the_fix(noise_folder, tmp_path, components, monkeypatch):
+    real = components.vae.encode
+
+    def nan_encode(pixels):
+        out = real(pixels)
+        out.latent_dist.mean[:] = float("nan")
+        return out
+
+    monkeypatch.setattr(components.vae, "encode", nan_encode)
+    with pytest.raises(ValueError, match="(?s)NaN.*img.*sdxl-vae-fp16-fix"):
+        build(noise_folder, tmp_path, components, tmp_path / "c")
+
+
+def test_manifest_records_the_making_and_no_local_paths(noise_folder, tmp_path, components, tiny_pipeline_dir):
+    cache = build(noise_folder, tmp_path, components, tmp_path / "c")
+    text = (cache.cache_dir / "manifest.json").read_text()
+    assert str(tmp_path) not in text and str(tiny_pipeline_dir.parent) not in text
+    m = cache.manifest
+    s = m["settings"]
+    assert (s["ambient_timestep"], s["resolution"], s["random_flip"], s["enable_bucket"]) == (T_N, 64, True, True)
+    assert s["seed"] == cache_mod.seed_digest(7) and '"seed": 7' not in text  # the seed would undo the noise
+    assert s["model_id"] == tiny_pipeline_dir.name and m["data"]["examples"][0]["key"] == "img0.png"
+    assert len(m["data"]["examples"][0]["sha256"]) == 64 and m["complete"]
+
+
+def test_corrupt_command_writes_a_dataset_prepare_cache_adopts(noise_folder, tmp_path, components, tiny_pipeline_dir, capsys):
+    from sdxl_ambient.cli import main
+
+    out = tmp_path / "shared"
+    rc = main(["corrupt", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(noise_folder),
+               "--ambient_timestep", "400", "--resolution", "64", "--output_dir", str(out), "--seed", "7", "--device", "cpu"])
+    assert rc == 0 and "t_n = 400" in capsys.readouterr().out
+    args = flags(out, tmp_path, ambient_timestep=None)
+    dataset = prepare_cache(args, components)
+    assert args.ambient_timestep == 400 and len(dataset) == len(SIZES)
+    assert not (tmp_path / "out" / "latent_cache").exists()
+    assert {tuple(s) for s in dataset.latent_shapes()} == {(8, 8)}
+    with pytest.raises(ValueError, match="--ambient_timestep 300"):
+        prepare_cache(flags(out, tmp_path, ambient_timestep=300), components)
+    other = types.SimpleNamespace(**{**vars(components), "vae": types.SimpleNamespace(config=types.SimpleNamespace(
+        latent_channels=16, scaling_factor=components.vae.config.scaling_factor))})
+    with pytest.raises(ValueError, match="latent_channels"):
+        prepare_cache(flags(out, tmp_path, ambient_timestep=None), other)
+
+
+def test_corrupt_keeps_its_default_noise_seed_secret(noise_folder, tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
+    """Whoever knows the seed can subtract the noise: the default seed is fresh and written nowhere."""
+    import secrets
+
+    from sdxl_ambient.cli import main
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "f00dfeed" * (2 * n // 8))
+    out = tmp_path / "shared"
+    assert main(["corrupt", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir",
+                 str(noise_folder), "--ambient_timestep", "400", "--resolution", "64", "--output_dir", str(out),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    written = b"".join(p.read_bytes() for p in out.iterdir())
+    assert b"f00dfeed" not in written and "f00dfeed" not in printed
+
+
+class FakeAccelerator:
+    """accelerate's process roles, recorded: main_process_first lets the main process go first."""
+
+    def __init__(self, is_main_process, log):
+        self.is_main_process, self.device, self.log = is_main_process, torch.device("cpu"), log
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        self.log.append(("enter", self.is_main_process))
+        yield
+        self.log.append(("exit", self.is_main_process))
+
+
+def test_prepare_cache_builds_on_the_main_process_only(noise_folder, tmp_path, components, monkeypatch):
+    log = []
+    real = cache_mod.build_cache
+    monkeypatch.setattr(cache_mod, "build_cache", lambda *a, **k: log.append("build") or real(*a, **k))
+    dataset = prepare_cache(flags(noise_folder, tmp_path), components, FakeAccelerator(True, log))
+    assert dataset.cache_dir == tmp_path / "out" / "latent_cache" and len(dataset) == len(SIZES)
+    assert log == [("enter", True), "build", ("exit", True)]
+    other = prepare_cache(flags(noise_folder, tmp_path), components, FakeAccelerator(False, log))
+    assert log[3:] == [("enter", False), ("exit", False)]  # the other process reads what the main one wrote
+    assert torch.equal(other[2]["observed"], dataset[2]["observed"])

@@ -1,0 +1,177 @@
+"""Sampling: the Tweedie jump, truncated sampling's timesteps, DDIM reconstruction, the generate command."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from PIL import Image
+
+from sdxl_ambient import sampling
+from sdxl_ambient.cli import main
+from sdxl_ambient.tiny import SDXL_SCHEDULER_CONFIG
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_dir):
+    p = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir, use_safetensors=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def record_unet(pipe, monkeypatch):
+    """Wrap unet.forward to record (input, timestep, output) of every call."""
+    calls = []
+    forward = pipe.unet.forward
+
+    def recording(sample, timestep, *args, **kwargs):
+        out = forward(sample, timestep, *args, **kwargs)
+        calls.append((sample.clone(), float(timestep), out[0].clone()))
+        return out
+
+    monkeypatch.setattr(pipe.unet, "forward", recording)
+    return calls
+
+
+def test_truncated_timesteps_keep_those_at_or_above_tn_plus_margin():
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
+    kept = sampling.truncated_timesteps(scheduler, 20, stop_timestep=500, jump_margin=40)
+    assert kept.tolist() == [951, 901, 851, 801, 751, 701, 651, 601, 551]
+    assert sampling.truncated_timesteps(scheduler, 20, 500, jump_margin=0).tolist()[-1] == 501
+    assert sampling.truncated_timesteps(scheduler, 20, 461, jump_margin=40).tolist()[-1] == 501  # t_n + margin itself is kept
+    with pytest.raises(ValueError, match="jump_margin"):
+        sampling.truncated_timesteps(scheduler, 20, 950, jump_margin=40)
+    with pytest.raises(ValueError, match="stop_timestep > 0"):
+        sampling.truncated_timesteps(scheduler, 20, 0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_tweedie_jump_recovers_x0_from_exact_model_output(prediction_type):
+    from sdxl_ambient.objectives import model_output_from_x0
+
+    abar = DDPMScheduler(**SDXL_SCHEDULER_CONFIG).alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 900])
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = model_output_from_x0(x0, x_t, t, abar, prediction_type)
+    torch.testing.assert_close(sampling.tweedie_jump(out, x_t, t, abar, prediction_type), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_fractional_timesteps_interpolate_log_sigma():
+    abar = DDPMScheduler(**SDXL_SCHEDULER_CONFIG).alphas_cumprod
+    at = sampling.abar_at_timestep(abar, torch.tensor([300.0, 300.5, 301.0]))
+    torch.testing.assert_close(at[[0, 2]].float(), abar[[300, 301]])
+    sigma = ((1 - at) / at).sqrt()
+    assert abs(float(sigma[1].log() - (sigma[0].log() + sigma[2].log()) / 2)) < 1e-9
+
+
+@pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
+def test_truncated_sampling_calls_unet_at_documented_timesteps_and_jumps_from_the_last(pipe, monkeypatch, scheduler_cls):
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    calls = record_unet(pipe, monkeypatch)
+    guidance = 3.0
+    images = sampling.sample(pipe, ["a red cube", "a blue ball"], ambient_timestep=300, jump_margin=50,
+                             num_inference_steps=10, guidance_scale=guidance, height=64, width=64,
+                             generator=torch.Generator().manual_seed(0))
+    expected = sampling.truncated_timesteps(scheduler_cls.from_config(pipe.scheduler.config), 10, 300, 50)
+    assert [t for _, t, _ in calls] == expected.float().tolist()
+    assert min(t for _, t, _ in calls) >= 350
+    # The decoded image is E[x0 | x_t] from the guided output of the last call, at its timestep.
+    x_in, t, out = calls[-1]
+    assert x_in.shape[0] == 4  # unconditional and conditional halves
+    uncond, text = out.chunk(2)
+    guided = uncond + guidance * (text - uncond)
+    a = pipe.scheduler.alphas_cumprod[int(t)]
+    x0 = (x_in.chunk(2)[0] - (1 - a).sqrt() * guided) / a.sqrt()
+    manual = sampling.decode_latents(pipe, x0)
+    for got, want in zip(images, manual):
+        assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+
+
+def test_plain_sampling_runs_every_step(pipe, monkeypatch):
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    calls = record_unet(pipe, monkeypatch)
+    images = sampling.sample(pipe, ["a cat"], num_inference_steps=5, guidance_scale=1.0, height=64, width=64)
+    assert len(calls) == 5 and calls[-1][1] < 300
+    assert images[0].size == (64, 64)
+
+
+class PointMassUNet(torch.nn.Module):
+    """The exact epsilon-predictor for data that is a single point x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+
+    def __init__(self, x0, alphas_cumprod):
+        super().__init__()
+        self.register_buffer("x0", x0)
+        self.abar = alphas_cumprod
+        self.dtype = torch.float32
+
+    def forward(self, x, t, **kwargs):
+        a = self.abar[int(t)]
+        return ((x - a.sqrt() * self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1)) / (1 - a).sqrt(),)
+
+
+@pytest.mark.parametrize("num_steps", [1, 7])
+def test_ddim_reconstruction_recovers_a_memorised_point_from_high_noise(num_steps):
+    scheduler = DDPMScheduler(**SDXL_SCHEDULER_CONFIG)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    fake = SimpleNamespace(unet=PointMassUNet(x0, scheduler.alphas_cumprod), scheduler=scheduler)
+    cond = sampling.Conditioning(torch.zeros(4, 77, 8), torch.zeros(4, 8), torch.zeros(4, 6), guidance_scale=2.0)
+    x_t = sampling.noise_to(x0, 900, torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), scheduler.alphas_cumprod)
+    torch.testing.assert_close(sampling.ddim_reconstruct(fake, cond, x_t, 900, num_steps), x0, atol=1e-3, rtol=1e-3)
+    assert sampling.ddim_timesteps(900, 4).tolist() == [900, 675, 450, 225]
+
+
+def test_encode_then_decode_keeps_image_size(pipe):
+    image = Image.new("RGB", (96, 80), (200, 30, 30))
+    z = sampling.encode_images(pipe, [image], 64)
+    assert z.shape == (1, 4, 8, 8)
+    assert sampling.decode_latents(pipe, z)[0].size == (64, 64)
+
+
+def _write_lora(pipe_dir, out_dir):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    p = StableDiffusionXLPipeline.from_pretrained(pipe_dir, use_safetensors=True)
+    p.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, param in p.unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(p.unet), safe_serialization=True)
+    return out_dir
+
+
+def test_generate_command_writes_images_grid_and_settings(tiny_pipeline_dir, tmp_path):
+    common = ["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "a red cube", "--prompt", "a ball",
+              "--num_images_per_prompt", "2", "--resolution", "64", "--num_inference_steps", "6", "--seed", "3"]
+    assert main(common + ["--ambient_timestep", "400", "--scheduler", "DDIMScheduler", "--output_dir", str(tmp_path / "a")]) == 0
+    out = tmp_path / "a"
+    assert sorted(p.name for p in out.glob("0*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert Image.open(out / "grid.png").size == (128, 128)
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["ambient_timestep"] == 400 and settings["scheduler_class"] == "DDIMScheduler"
+    assert [json.loads(line)["text"] for line in (out / "metadata.jsonl").read_text().splitlines()] == ["a red cube"] * 2 + ["a ball"] * 2
+
+    lora = _write_lora(tiny_pipeline_dir, tmp_path / "lora")
+    assert main(common + ["--lora_path", str(lora), "--output_dir", str(tmp_path / "lora_out")]) == 0
+    assert main(common + ["--output_dir", str(tmp_path / "base_out")]) == 0
+    with_lora = np.asarray(Image.open(tmp_path / "lora_out" / "00000.png"), dtype=int)
+    without = np.asarray(Image.open(tmp_path / "base_out" / "00000.png"), dtype=int)
+    assert np.abs(with_lora - without).max() > 0
+
+
+def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path):
+    base = ["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "x", "--resolution", "64",
+            "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="--scheduler 'NoSuchScheduler'"):
+        main(base + ["--scheduler", "NoSuchScheduler"])
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="only .safetensors"):
+        main(base + ["--lora_path", str(tmp_path / "weights.bin")])
+    with pytest.raises(ValueError, match="--prompts_file"):
+        main(base[:3] + ["--prompts_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path)])

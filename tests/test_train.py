@@ -1,0 +1,79 @@
+"""train_sdxl_ambient.py end to end on the tiny pipeline: LoRA and full runs, resume, two processes."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from trainrun import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_pipeline_dir):
+    """One uninterrupted LoRA run with the consistency loss under `accelerate launch` (6 steps, checkpoints at 3 and 6)."""
+    from conftest import DEMO_IMAGES
+
+    out = tmp_path_factory.mktemp("lora") / "out"
+    launch(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--consistency_weight", "0.5",
+                     "--validation_prompt", "a ginger cat", "--num_validation_images", "1",
+                     "--validation_steps", "100", "--validation_inference_steps", "2"))
+    return out
+
+
+def _images(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("a ginger cat", num_inference_steps=3, height=64, width=64, generator=g, output_type="np").images
+
+
+def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipeline_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    for name in (LORA_FILE, "pytorch_lora_weights_kohya.safetensors", "training_settings.json", "README.md"):
+        assert (lora_run / name).is_file(), name
+    assert (lora_run / "samples" / "sample_0.png").is_file()
+    assert [p.name for p in sorted(lora_run.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    before = _images(pipe)
+    pipe.load_lora_weights(lora_run)
+    after = _images(pipe)
+    assert np.abs(after - before).max() > 1e-3
+
+
+def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pipeline_dir):
+    """Drop everything after checkpoint-3, resume with `latest`: the final LoRA is bit-identical."""
+    from conftest import DEMO_IMAGES
+
+    out = tmp_path / "out"
+    shutil.copytree(lora_run, out)
+    shutil.rmtree(out / "checkpoint-6")
+    for name in (LORA_FILE, "pytorch_lora_weights_kohya.safetensors", "README.md"):
+        (out / name).unlink()
+    launch(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--consistency_weight", "0.5",
+                     "--resume_from_checkpoint", "latest"))
+    expected, resumed = lora_weights(lora_run), lora_weights(out)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, image_folder):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    out = tmp_path / "full"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--finetune", "full", "--use_ema",
+                                   "--ema_decay", "0.5", steps=3)) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, use_safetensors=True)
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
+    changed = [not torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), base.state_dict().values())]
+    assert any(changed)
+    assert (out / "checkpoint-3").is_dir()
+
+
+def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
+    out = tmp_path / "ddp"
+    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, steps=2), num_processes=2)
+    assert (out / LORA_FILE).is_file(), proc.stderr[-2000:]
+    assert "on 2 processes" in proc.stderr
+    weights = lora_weights(out)
+    assert all(torch.isfinite(v).all() for v in weights.values())
