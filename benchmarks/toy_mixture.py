@@ -41,13 +41,17 @@ def weighting_runs(t_n: int, steps: int) -> list[tuple[str, TrainConfig, int]]:
 
 
 def consistency_runs(t_n: int, steps: int) -> list[tuple[str, TrainConfig, int]]:
+    """Ambient training with and without the consistency term (max_delta = t_n), sampled to t = 0.
+
+    "window": only samples with t < 2 t_n get the term, so the chains reach below t_n."""
     base = TrainConfig(observed_timestep=t_n, steps=steps)
-    runs = [("no consistency", base, 0)]
-    for w in (0.1, 1.0, 10.0):
-        runs.append((f"w={w:g} steps=1", replace(base, consistency_weight=w), 0))
-    runs.append(("w=1 steps=2", replace(base, consistency_weight=1.0, consistency_steps=2), 0))
-    runs.append(("w=1 steps=1 anchor_grad=False", replace(base, consistency_weight=1.0, anchor_grad=False), 0))
-    return runs
+    windowed = replace(base, consistency_window=t_n, anchor_grad=False)
+    return [("no consistency", base, 0),
+            ("all t, w=1, anchor_grad", replace(base, consistency_weight=1.0), 0),
+            ("window, w=1", replace(windowed, consistency_weight=1.0), 0),
+            ("window, w=10", replace(windowed, consistency_weight=10.0), 0),
+            ("window, w=100", replace(windowed, consistency_weight=100.0), 0),
+            ("window, w=10, num_steps=2", replace(windowed, consistency_weight=10.0, consistency_steps=2), 0)]
 
 
 def evaluate(model, alphas_cumprod, noise, reference, jumps) -> dict[int, float]:

@@ -177,12 +177,12 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompts(components, ids_one: torch.Tensor, ids_two: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's encode_prompt: concat(penultimate hidden states of both encoders), pooled from encoder 2."""
-    out_one = components.text_encoder(ids_one.to(device), output_hidden_states=True)
-    out_two = components.text_encoder_2(ids_two.to(device), output_hidden_states=True)
-    prompt_embeds = torch.cat([out_one.hidden_states[-2], out_two.hidden_states[-2]], dim=-1)
-    return prompt_embeds.float().cpu(), out_two[0].float().cpu()
+def encode_prompts(components, ids_one: torch.Tensor, ids_two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's encode_prompt (models.text_embeddings), on the CPU in float32 for the cache."""
+    from sdxl_ambient.models import text_embeddings
+
+    prompt_embeds, pooled = text_embeddings(components.text_encoder, components.text_encoder_2, ids_one, ids_two)
+    return prompt_embeds.float().cpu(), pooled.float().cpu()
 
 
 @torch.no_grad()
@@ -244,7 +244,7 @@ def _encode_captions(images: TrainingImages, indices: list[int], components, bat
     for batch in _chunks(indices, batch_size):
         captions = [images.records[i].caption for i in batch]
         ids_one, ids_two = tokenize(components.tokenizer, captions), tokenize(components.tokenizer_2, captions)
-        embeds, pooled = encode_prompts(components, ids_one, ids_two, device)
+        embeds, pooled = encode_prompts(components, ids_one, ids_two)
         for n, i in enumerate(batch):
             out[f"{i}.prompt_embeds"] = embeds[n].to(torch.float16).contiguous()
             out[f"{i}.pooled_prompt_embeds"] = pooled[n].to(torch.float16).contiguous()

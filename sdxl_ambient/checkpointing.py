@@ -3,7 +3,8 @@
     OUTPUT_DIR/checkpoint-STEP/      accelerate's save_state (weights through the model hooks,
                                      optimizer, scheduler, RNG) + trainer_state.json
                                      + rng-RANK.safetensors (the step generator of each process)
-    OUTPUT_DIR/.tmp-checkpoint-STEP/ a save in progress; never read, removed on the next save
+    OUTPUT_DIR/.tmp-checkpoint-STEP/ a save in progress (or a checkpoint being deleted, ...-old);
+                                     never read, removed on the next save
 
 A folder named checkpoint-STEP is complete by construction (the rename is the last thing a save
 does), so ``latest`` is the complete checkpoint with the highest step.
@@ -72,8 +73,8 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: 
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a second save of the same step (e.g. a stop right after a checkpoint)
+            _remove(final)
         os.replace(tmp, final)
         _prune(root, total_limit)
         logger.info("saved checkpoint %s", final)
@@ -96,8 +97,16 @@ def _prune(root: Path, total_limit: int | None) -> None:
         return
     found = list_checkpoints(root)
     for old in found[: max(len(found) - total_limit, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", old, total_limit)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint without ever leaving a partial ``checkpoint-N``: rename it to a
+    ``.tmp-checkpoint-N-old`` (atomic) first, then delete that (a stale one goes with the next save)."""
+    doomed = checkpoint.with_name(f".tmp-{checkpoint.name}-old")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -3,7 +3,9 @@
 1. build a tiny SDXL-shaped pipeline with random weights (sdxl_ambient.tiny);
 2. corrupt the 8 bundled real images to t_n = 100 once (the noisy-latent cache) and train a LoRA
    with the ambient objectives (configs/demo.yaml, through the same `train` entry point);
-3. reload the LoRA into a plain diffusers pipeline and write a grid: base model above, LoRA below.
+3. reload the LoRA into a plain diffusers pipeline and write a grid: base model above, LoRA below;
+4. write the memorisation report (base vs ambient LoRA) with a tiny random DINOv2 embedder. With
+   random weights everywhere its figures only show the report's form, not a finding.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
     """Sample each prompt with the base pipeline and with the LoRA loaded, same noise; base row above."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sdxl_ambient.validation import image_grid
+    from sdxl_ambient.evaluation.report import image_grid
 
     pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
@@ -53,7 +55,8 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
 def run(args) -> int:
     import yaml
 
-    from sdxl_ambient.tiny import save_tiny_pipeline
+    from sdxl_ambient.cli import main as cli_main
+    from sdxl_ambient.tiny import save_tiny_dinov2, save_tiny_pipeline
     from sdxl_ambient.train import main as train_main
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -74,8 +77,15 @@ def run(args) -> int:
 
     prompts = [json.loads(c)["text"] for c in captions[:4]]
     grid = compare_grid(pipeline_dir, lora_dir, prompts, out / "demo_grid.png", config["resolution"])
+    report = out / "memorization"
+    cli_main(["memorization", "--train_data_dir", str(demo_images()), "--model", f"base={pipeline_dir}",
+              "--model", f"ambient={pipeline_dir}:{lora_dir}", "--ambient_timestep", f"ambient={config['ambient_timestep']}",
+              "--embedder", str(save_tiny_dinov2(out / "tiny-dinov2")), "--num_images", "8", "--num_attack_images", "4",
+              "--attack_steps", "5", "--num_inference_steps", "10", "--resolution", str(config["resolution"]),
+              "--output_dir", str(report)])
     print(f"demo finished in {time.time() - start:.0f} s")
     print(f"  LoRA (diffusers format): {lora_dir / 'pytorch_lora_weights.safetensors'}")
     print(f"  LoRA (kohya/ComfyUI):    {lora_dir / 'pytorch_lora_weights_kohya.safetensors'}")
     print(f"  base vs LoRA samples:    {grid}")
+    print(f"  memorisation report:     {report / 'memorization.md'}")
     return 0

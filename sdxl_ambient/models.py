@@ -163,6 +163,14 @@ def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None,
     return _add_lora(text_encoder, rank, alpha, 0.0, target_modules)
 
 
+def text_embeddings(text_encoder, text_encoder_2, ids_one, ids_two) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's prompt encoding from token ids: prompt_embeds = concat of both encoders' penultimate
+    hidden states (B, 77, D1 + D2); pooled = text_encoder_2's projected output (B, P)."""
+    out_one = text_encoder(ids_one.to(text_encoder.device), output_hidden_states=True)
+    out_two = text_encoder_2(ids_two.to(text_encoder_2.device), output_hidden_states=True)
+    return torch.cat([out_one.hidden_states[-2], out_two.hidden_states[-2]], dim=-1), out_two[0]
+
+
 def cast_training_params(models, dtype: torch.dtype = torch.float32) -> None:
     """Upcast the trainable parameters (LoRA or full) to ``dtype``, e.g. fp32 masters under fp16 autocast."""
     from diffusers.training_utils import cast_training_params as _cast

@@ -202,6 +202,11 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     conditioning twice along the batch for those calls. Both chains go through the model in one
     batched call per step. ``anchor_grad``: the anchor carries gradients; ``chain_grad``: the
     chain's intermediate steps carry gradients. The final predictions h(x'_i, s) always do.
+
+    ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (notes/toy_results.md) the
+    term helps only where it reaches below t_n: weight = w * (t < t_n + max_delta) with
+    anchor_grad=False sampled closer to the clean data, while a constant weight on every t
+    pulled the well-trained anchors at large t off and sampled worse than no term at all.
     """
     if num_steps < 1 or not 1 <= min_delta <= max_delta:
         raise ValueError(f"need num_steps >= 1 and 1 <= min_delta <= max_delta, got {num_steps}, {min_delta}, {max_delta}")
@@ -237,4 +242,6 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     h1, h2 = h[:b], h[b:]
     a = anchor.float()
     loss = ((h1 - a) * (h2 - a)).mean(dim=tuple(range(1, sample.ndim)))
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(loss.device)
     return weight * loss

@@ -121,6 +121,20 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
+def save_tiny_dinov2(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random DINOv2 (transformers' Dinov2Model, 224 px input) saved as safetensors: an
+    offline stand-in for facebook/dinov2-* that exercises the memorisation and quality code."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        torch.manual_seed(seed)
+        config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              image_size=224, patch_size=16)
+        Dinov2Model(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("output_dir", help="folder to write the diffusers pipeline to")
     parser.add_argument("--seed", type=int, default=0)

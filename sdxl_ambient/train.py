@@ -87,7 +87,7 @@ def setup_trainable(args, components, accelerator, weight_dtype):
         for te in text_encoders:
             models.add_text_encoder_lora(te, rank=args.rank, alpha=args.lora_alpha)
     trained = [unet] + (list(text_encoders) if args.train_text_encoder else [])
-    if args.mixed_precision == "fp16":
+    if weight_dtype != torch.float32:  # frozen weights in half precision, trained ones in fp32
         models.cast_training_params(trained, dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -119,10 +119,9 @@ def batch_conditioning(args, batch, text_encoders):
     """Text conditioning of a batch: cached embeddings, or the (LoRA-trained) text encoders on cached token ids."""
     if not args.train_text_encoder:
         return batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    one, two = text_encoders
-    out_one = one(batch["input_ids_one"], output_hidden_states=True)
-    out_two = two(batch["input_ids_two"], output_hidden_states=True)
-    return torch.cat([out_one.hidden_states[-2], out_two.hidden_states[-2]], dim=-1), out_two[0]
+    from sdxl_ambient.models import text_embeddings
+
+    return text_embeddings(*text_encoders, batch["input_ids_one"], batch["input_ids_two"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     running, running_count, nonfinite_in_row = None, 0, 0
     for epoch in range(global_step // steps_per_epoch, num_epochs):
+        if global_step >= max_steps:  # resumed from the final checkpoint of a partial last epoch
+            break
         first = epoch == global_step // steps_per_epoch
         sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * args.gradient_accumulation_steps if first else 0)
         for m in trained:

@@ -10,20 +10,9 @@ from pathlib import Path
 
 import torch
 
+from sdxl_ambient.evaluation.report import image_grid
+
 logger = logging.getLogger(__name__)
-
-
-def image_grid(images, cols: int | None = None):
-    """Paste PIL images of one size into a grid (rows filled left to right)."""
-    from PIL import Image
-
-    cols = cols or min(len(images), 4)
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def _pipeline(components, unet):
@@ -79,7 +68,7 @@ def log_validation(components, accelerator, args, prompts, step: int, weight_dty
     out = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
     if accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images).save(out)
+        image_grid(images, cols=min(len(images), 4)).save(out)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")

@@ -89,7 +89,7 @@ def test_each_latent_is_its_image_noised_with_its_fixed_noise(noise_folder, tmp_
         assert item["observed_timestep"].item() == T_N and item["index"].item() == i
         assert item["time_ids"][:2].tolist() == list(SIZES[k])
         ids = cache_mod.tokenize(components.tokenizer, [item["caption"]])
-        embeds, pooled = cache_mod.encode_prompts(components, ids, cache_mod.tokenize(components.tokenizer_2, [item["caption"]]), "cpu")
+        embeds, pooled = cache_mod.encode_prompts(components, ids, cache_mod.tokenize(components.tokenizer_2, [item["caption"]]))
         torch.testing.assert_close(item["prompt_embeds"].float(), embeds[0], rtol=1e-2, atol=1e-3)
         torch.testing.assert_close(item["pooled_prompt_embeds"].float(), pooled[0], rtol=1e-2, atol=1e-3)
         assert torch.equal(item["input_ids_one"], ids[0])

@@ -17,13 +17,9 @@ from sdxl_ambient.evaluation.quality import EmbedderFeatures, fid_kid
 
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
-    from transformers import Dinov2Config, Dinov2Model
+    from sdxl_ambient.tiny import save_tiny_dinov2
 
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=224, patch_size=16)
-    path = tmp_path_factory.mktemp("dino") / "dinov2"
-    Dinov2Model(config).save_pretrained(path, safe_serialization=True)
-    return path
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dino") / "dinov2")
 
 
 @pytest.fixture(scope="module")

@@ -215,7 +215,58 @@ def test_consistency_loss_gradients_and_arguments(abar64):
     assert calls.batch_sizes == [8, 8, 8]  # anchor given: only the two stacked chains
     loss.sum().backward()
     assert anchor.grad is None and model.weight.grad is not None
+    kwargs = dict(anchor_x0=anchor.detach(), num_steps=1, max_delta=50)
+    unit = obj.consistency_loss(calls, x_t, t, abar64, generator=_gen(3), **kwargs)
+    per_sample = obj.consistency_loss(calls, x_t, t, abar64, weight=torch.tensor([1.0, 0.0, 2.0, 0.0]), generator=_gen(3), **kwargs)
+    torch.testing.assert_close(per_sample, unit * torch.tensor([1.0, 0.0, 2.0, 0.0], dtype=torch.float64))
+    assert unit[1] != 0
     with pytest.raises(ValueError, match="min_delta"):
         obj.consistency_loss(calls, x_t, t, abar64, min_delta=0)
     with pytest.raises(ValueError, match="num_steps"):
         obj.consistency_loss(calls, x_t, t, abar64, num_steps=0)
+
+
+# ---- learning from noisy data only, on the 2-D ring mixture (SDXL schedule, t_n = 100) ----
+
+T_N = 100
+TRAIN_STEPS = 1500
+
+
+@pytest.fixture(scope="module")
+def ring():
+    """The mixture, a fixed batch of starting noise and the exact clean denoiser's DDIM samples from it."""
+    abar = sdxl_alphas_cumprod()
+    mixture = ring_mixture()
+    noise = torch.randn(2000, 2, generator=_gen(7))
+    reference = ddim_sample(exact_denoiser(mixture, abar), noise, abar, stop=0)
+    return abar, mixture, noise, reference
+
+
+@pytest.fixture(scope="module")
+def ambient_model(ring):
+    abar, mixture, _, _ = ring
+    return train(mixture, TrainConfig("ambient", observed_timestep=T_N, steps=TRAIN_STEPS), abar)
+
+
+def test_ambient_training_on_noisy_data_recovers_the_clean_denoiser(ring, ambient_model):
+    """DDIM to just above t_n, then one Tweedie jump, lands near the exact clean denoiser's samples;
+    a model trained on the same noisy samples as if they were clean stays far off."""
+    abar, mixture, noise, reference = ring
+    naive = train(mixture, TrainConfig("naive", observed_timestep=T_N, steps=TRAIN_STEPS), abar)
+    ambient_distance = sample_distance(ddim_sample(model_denoiser(ambient_model, abar), noise, abar, stop=T_N + 10), reference)
+    naive_distance = sample_distance(ddim_sample(model_denoiser(naive, abar), noise, abar, stop=0), reference)
+    floor = sample_distance(ddim_sample(exact_denoiser(mixture, abar), noise, abar, stop=T_N + 10), reference)
+    assert floor < ambient_distance < AMBIENT_MAX
+    assert ambient_distance < NAIVE_RATIO * naive_distance, (ambient_distance, naive_distance)
+
+
+def test_consistency_term_improves_sampling_below_t_n(ring, ambient_model):
+    """The ambient loss never sees t < t_n; with the consistency term (chains from t in [t_n, 2 t_n)
+    down by up to t_n) DDIM can run all the way to t = 0 and ends closer to the clean mixture."""
+    abar, mixture, noise, reference = ring
+    config = TrainConfig("ambient", observed_timestep=T_N, steps=TRAIN_STEPS, consistency_weight=10.0,
+                         consistency_window=T_N, anchor_grad=False)
+    consistent = train(mixture, config, abar)
+    with_term = sample_distance(ddim_sample(model_denoiser(consistent, abar), noise, abar, stop=0), reference)
+    without = sample_distance(ddim_sample(model_denoiser(ambient_model, abar), noise, abar, stop=0), reference)
+    assert with_term < CONSISTENCY_RATIO * without, (with_term, without)

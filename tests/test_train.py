@@ -77,3 +77,16 @@ def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
     assert "on 2 processes" in proc.stderr
     weights = lora_weights(out)
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_text_encoder_lora_trains_and_loads(tmp_path, tiny_pipeline_dir, image_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "te"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--train_text_encoder", steps=2)) == 0
+    keys = lora_weights(out).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(out)
+    assert np.isfinite(_images(pipe)).all()

@@ -107,6 +107,7 @@ class TrainConfig:
     consistency_steps: int = 1
     consistency_max_delta: int | None = None  # None: t_n
     anchor_grad: bool = True
+    consistency_window: int | None = None  # only samples with t < t_n + window get the term (None: all)
     steps: int = 3000
     batch_size: int = 1024
     lr: float = 2e-3
@@ -136,12 +137,14 @@ def training_loss(model, y, t_n, config: TrainConfig, alphas_cumprod, generator)
     weighting = "epsilon" if config.objective != "ambient" else config.weighting
     loss = obj.ambient_tweedie_loss(out, x_t, y, t, t_n, alphas_cumprod, "epsilon", weighting, config.weight_cap).mean()
     if config.consistency_weight > 0:
+        keep = torch.ones_like(t, dtype=torch.bool) if config.consistency_window is None else t < t_n + config.consistency_window
         x0 = obj.x0_from_model_output(out, x_t, t, alphas_cumprod, "epsilon")
         max_delta = config.consistency_max_delta or config.observed_timestep
-        loss = loss + obj.consistency_loss(
-            model_denoiser(model, alphas_cumprod), x_t, t, alphas_cumprod, anchor_x0=x0,
+        term = obj.consistency_loss(
+            model_denoiser(model, alphas_cumprod), x_t[keep], t[keep], alphas_cumprod, anchor_x0=x0[keep],
             num_steps=config.consistency_steps, max_delta=max_delta, weight=config.consistency_weight,
-            anchor_grad=config.anchor_grad, generator=generator).mean()
+            anchor_grad=config.anchor_grad, generator=generator)
+        loss = loss + term.sum() / y.shape[0]
     return loss
 
 

@@ -1,0 +1,415 @@
+"""Each reliability and safety guard, provoked: kills at random moments, half-written saves, planted
+NaNs, a Hub token that must leak nowhere, an output folder that must not be overwritten, contradictory
+flags, and a scan of the sources for unsafe loading."""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainrun import LORA_FILE, ROOT, launch_command, lora_weights, run_inprocess, subprocess_env, tiny_args
+
+from sdxl_ambient import checkpointing
+
+STEPS = 42  # not a multiple of the 4 steps per epoch (8 images, batch 2): the last epoch is partial
+CHAIN_ARGS = ("--checkpointing_steps", "2")
+
+
+def _assert_same_weights(expected: dict, got: dict) -> None:
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def _assert_loadable(checkpoint: Path) -> int:
+    """A complete checkpoint: every safetensors file loads and the trainer state parses; returns its step."""
+    assert not checkpoint.name.startswith("."), checkpoint
+    for weights in checkpoint.glob("*.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(str(weights)).values()), weights
+    for name in ("optimizer.bin", "scheduler.bin"):
+        assert (checkpoint / name).stat().st_size > 0, name
+    state = json.loads((checkpoint / checkpointing.STATE_FILE).read_text())
+    assert checkpoint.name == f"checkpoint-{state['global_step']}"
+    return state["global_step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_pipeline_dir):
+    """The reference: one run of STEPS steps with a checkpoint every 2 steps, never interrupted."""
+    from conftest import DEMO_IMAGES
+
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, steps=STEPS)) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- a crash loses nothing
+
+
+def _step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def _wait_for(proc, predicate, timeout=120.0) -> bool:
+    """Poll until ``predicate()`` holds (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise TimeoutError("the training run made no progress")
+
+
+def _group_gone(pgid: int, timeout=60.0) -> None:
+    """Wait until every process of the group (the launcher and the training script) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"process group {pgid} still alive")
+
+
+def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: int) -> bool:
+    """Start `accelerate launch`, wait for a checkpoint newer than the resumed one (``moment="checkpoint"``,
+    then ``delay`` seconds) or for a save in progress (``moment="saving"``), then signal the whole process
+    group, as a preempted node does. Returns whether the run was still going when it was signalled."""
+    start = max([_step(p) for p in checkpointing.list_checkpoints(out)], default=0)
+    pattern = "checkpoint-*" if moment == "checkpoint" else ".tmp-checkpoint-*"
+
+    def progressed():
+        return any(_step(p) > start for p in out.glob(pattern) if p.name.rsplit("-", 1)[1].isdigit())
+
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(launch_command(args), cwd=ROOT, env=subprocess_env(), stdout=fh, stderr=fh,
+                                start_new_session=True)
+        alive = _wait_for(proc, progressed)
+        time.sleep(delay)
+        alive = alive and proc.poll() is None
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        _group_gone(proc.pid)
+    return alive
+
+
+def test_killed_at_random_moments_then_resumed_equals_uninterrupted_run(uninterrupted, tmp_path, tiny_pipeline_dir):
+    """kill -9 (twice at random moments, once in the middle of a save) and a SIGTERM, each followed by
+    `--resume_from_checkpoint latest`: the final LoRA is bit-identical to the uninterrupted run's, and
+    `latest` is always a complete, loadable checkpoint."""
+    from conftest import DEMO_IMAGES
+
+    rng = random.Random(20240410)
+    out = tmp_path / "out"
+    args = tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint", "latest", steps=STEPS)
+    plan = [("checkpoint", signal.SIGKILL), ("saving", signal.SIGKILL),
+            ("checkpoint", signal.SIGKILL), ("checkpoint", signal.SIGTERM)]
+    for i, (moment, signum) in enumerate(plan):
+        delay = rng.uniform(0.0, 0.3) if moment == "checkpoint" else 0.0
+        log = tmp_path / f"run{i}.log"
+        assert _interrupt(args, out, log, moment, delay, signum), f"run {i} ended before it was interrupted"
+        print("AFTER", i, moment, signum, sorted(p.name for p in out.iterdir()))
+        latest = checkpointing.resolve_checkpoint("latest", out)
+        assert latest is not None and latest.parent == out
+        step = _assert_loadable(latest)
+        if signum == signal.SIGTERM:  # preemption: a checkpoint at the step it stopped, then exit
+            text = log.read_text()
+            assert "stopped by signal 15" in text, text[-3000:]
+            assert f"at step {step};" in text
+    assert run_inprocess(args) == 0
+    _assert_same_weights(lora_weights(uninterrupted), lora_weights(out))
+    assert not list(out.glob(".tmp-checkpoint-*"))
+
+
+def test_half_written_save_is_never_resumed_from(uninterrupted, tmp_path, tiny_pipeline_dir):
+    """A kill in the middle of a save leaves a `.tmp-checkpoint-N` (partial) or, with a non-atomic writer,
+    a `checkpoint-N` without its trainer state: `latest` skips both and the resumed run ends as the
+    uninterrupted one did."""
+    from conftest import DEMO_IMAGES
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    for name in (LORA_FILE, "pytorch_lora_weights_kohya.safetensors", "README.md"):
+        (out / name).unlink()
+    for step in range(STEPS - 4 + 2, STEPS + 1, 2):  # keep checkpoint-(STEPS-4)
+        shutil.rmtree(out / f"checkpoint-{step}")
+    last_good = out / f"checkpoint-{STEPS - 4}"
+    unfinished = out / f"checkpoint-{STEPS - 2}"
+    shutil.copytree(last_good, unfinished)
+    (unfinished / checkpointing.STATE_FILE).unlink()
+    partial = out / f".tmp-checkpoint-{STEPS}"
+    partial.mkdir()
+    (partial / "optimizer.bin").write_bytes((last_good / "optimizer.bin").read_bytes()[:100])
+    (partial / checkpointing.STATE_FILE).write_text(json.dumps({"global_step": STEPS, "seed": 0}))
+
+    assert checkpointing.resolve_checkpoint("latest", out) == last_good
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpointing.resolve_checkpoint(unfinished.name, out)
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint",
+                                   "latest", steps=STEPS)) == 0
+    _assert_same_weights(lora_weights(uninterrupted), lora_weights(out))
+    assert not partial.exists()
+    assert _assert_loadable(checkpointing.resolve_checkpoint("latest", out)) == STEPS
+
+
+def test_resume_from_the_final_checkpoint_takes_no_extra_step(uninterrupted, tmp_path, tiny_pipeline_dir):
+    """Killed after the last checkpoint but before the final weights were written: resuming finishes
+    without training past --max_train_steps."""
+    from conftest import DEMO_IMAGES
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / LORA_FILE).unlink()
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint",
+                                   "latest", steps=STEPS)) == 0
+    _assert_same_weights(lora_weights(uninterrupted), lora_weights(out))
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+def _plant_nan(monkeypatch, bad_calls) -> list:
+    """Make AmbientObjective return a NaN loss on the chosen calls (1-based; ``None`` = every call)."""
+    from sdxl_ambient.step import AmbientObjective
+
+    original, calls = AmbientObjective.__call__, []
+
+    def planted(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        calls.append(len(calls) + 1)
+        if bad_calls is None or calls[-1] in bad_calls:
+            losses = {**losses, "loss": losses["loss"] * float("nan")}
+        return losses
+
+    monkeypatch.setattr(AmbientObjective, "__call__", planted)
+    return calls
+
+
+def test_an_isolated_nan_is_skipped_with_a_warning(monkeypatch, caplog, tmp_path, tiny_pipeline_dir, image_folder):
+    calls = _plant_nan(monkeypatch, {2})
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="sdxl_ambient"):
+        assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, steps=6)) == 0
+    assert len(calls) == 6
+    assert "non-finite loss at step 1 (1 in a row): update skipped" in caplog.text
+    assert all(torch.isfinite(v).all() for v in lora_weights(out).values())
+    assert _assert_loadable(checkpointing.resolve_checkpoint("latest", out)) == 6
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_with_a_checkpoint(monkeypatch, tmp_path, tiny_pipeline_dir,
+                                                                    image_folder):
+    _plant_nan(monkeypatch, None)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="--max_nonfinite_steps"):
+        run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--max_nonfinite_steps", "2", steps=6))
+    saved = checkpointing.resolve_checkpoint("latest", out)
+    assert _assert_loadable(saved) == 1
+    lora = load_file(str(saved / LORA_FILE))
+    assert all(torch.count_nonzero(v) == 0 for k, v in lora.items() if "lora_B" in k)  # no NaN update applied
+    assert not (out / LORA_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- the Hub token
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records each upload's file list and bytes, sends nothing."""
+
+    uploads: list = []
+
+    def __init__(self, token=None, **kwargs):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns, path_in_repo=None, **kwargs):
+        assert kwargs.get("token") == self.token
+        files = sorted(allow_patterns)
+        data = b"".join((Path(folder_path) / f).read_bytes() for f in files)
+        RecordingApi.uploads.append({"repo_id": repo_id, "path_in_repo": path_in_repo, "files": files, "data": data,
+                                     "token_from_env": self.token == os.environ.get("HF_TOKEN")})
+
+
+def _files_under(root: Path):
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_hub_token_is_used_but_never_written_or_logged(monkeypatch, caplog, capsys, tmp_path, tiny_pipeline_dir,
+                                                       image_folder):
+    import huggingface_hub
+
+    token = "hf_PlantedFakeTokenQ7zX93kLmN"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(RecordingApi, "uploads", [])
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        assert run_inprocess(tiny_args(
+            tiny_pipeline_dir, image_folder, out, "--push_to_hub", "--push_checkpoints_to_hub",
+            "--hub_model_id", "user/repo", "--report_to", "tensorboard", "--validation_prompt", "a ginger cat",
+            "--num_validation_images", "1", "--validation_steps", "100", "--validation_inference_steps", "2",
+            steps=6)) == 0
+    captured = capsys.readouterr()
+    for where, text in (("log records", caplog.text), ("stdout", captured.out), ("stderr", captured.err)):
+        assert token not in text, where
+    for path in _files_under(out):
+        assert token.encode() not in path.read_bytes(), path
+    uploads = RecordingApi.uploads
+    assert all(u["token_from_env"] and u["repo_id"] == "user/repo" for u in uploads)
+    assert all(token.encode() not in u["data"] for u in uploads)
+
+    by_place = {u["path_in_repo"]: u["files"] for u in uploads}
+    assert set(by_place) == {None, "checkpoint-3", "checkpoint-6"}
+    weights = [LORA_FILE, "pytorch_lora_weights_kohya.safetensors"]
+    assert by_place["checkpoint-3"] == by_place["checkpoint-6"] == weights  # weights only, no optimizer/RNG pickles
+    final = by_place[None]
+    assert {*weights, "README.md", "training_settings.json"} <= set(final)
+    assert any(f.startswith("samples/") and f.endswith(".png") for f in final)
+    assert not [f for f in final if f.startswith(("checkpoint-", "latent_cache", "logs")) or f.endswith((".bin", ".pkl"))]
+
+
+def test_hub_token_flag_is_refused():
+    from sdxl_ambient.config import parse_args
+
+    with pytest.raises(ValueError, match="--hub_token is not accepted"):
+        parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--hub_token", "hf_x"])
+
+
+# ----------------------------------------------------------------------------- output folder and flags
+
+
+def _forbid_model_loading(monkeypatch):
+    from sdxl_ambient import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(models, "load_components", refuse)
+
+
+def test_output_folder_is_not_overwritten_without_the_flag(monkeypatch, tmp_path, tiny_pipeline_dir, image_folder):
+    from sdxl_ambient.train import main
+
+    out = tmp_path / "out"
+    args = tiny_args(tiny_pipeline_dir, image_folder, out, steps=1)
+    assert run_inprocess(args) == 0
+    before = lora_weights(out)
+    with monkeypatch.context() as patch:
+        _forbid_model_loading(patch)
+        with pytest.raises(ValueError, match="--overwrite_output_dir"):
+            main(args)
+    assert run_inprocess(args + ["--overwrite_output_dir", "--learning_rate", "1e-2"]) == 0
+    after = lora_weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ambient_timestep", "-1"], "--ambient_timestep -1"),
+    (["--ambient_timestep", "1000"], "--ambient_timestep 1000"),
+    (["--resolution", "100"], "--resolution 100"),
+    (["--dataset_name", "user/data"], "--dataset_name and --train_data_dir"),
+    (["--consistency_weight", "0.5", "--ambient_timestep", "0"], "--consistency_weight"),
+    (["--finetune", "full", "--train_text_encoder"], "--train_text_encoder"),
+    (["--push_checkpoints_to_hub"], "--push_checkpoints_to_hub"),
+    (["--resume_from_checkpoint", "checkpoint-7"], "--resume_from_checkpoint checkpoint-7"),
+])
+def test_bad_flags_fail_before_any_model_is_loaded(monkeypatch, tmp_path, extra, message):
+    from sdxl_ambient.train import main
+
+    _forbid_model_loading(monkeypatch)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        main(tiny_args(tmp_path / "model", tmp_path / "images", tmp_path / "out", *extra))
+
+
+def test_unknown_config_key_names_the_file(monkeypatch, tmp_path):
+    from sdxl_ambient.train import main
+
+    _forbid_model_loading(monkeypatch)
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rat: 1.0e-4\n")
+    with pytest.raises(ValueError, match=re.escape(f"--config {config}: unknown keys ['learning_rat']")):
+        main(["--config", str(config), *tiny_args(tmp_path / "model", tmp_path / "images", tmp_path / "out")])
+
+
+def _no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                          if not p.name.startswith("accelerate_")))
+def test_shipped_training_configs_parse_offline(monkeypatch, config):
+    from sdxl_ambient.config import parse_args
+
+    _no_network(monkeypatch)
+    path = ROOT / "configs" / config
+    # the demo config leaves the model and the images to `sdxl-ambient demo`
+    extra = ["--pretrained_model_name_or_path", "tiny", "--train_data_dir", "images"] if config == "demo.yaml" else []
+    args = parse_args(["--config", str(path), *extra])
+    assert args.pretrained_model_name_or_path and (args.dataset_name or args.train_data_dir)
+    assert args.resolution % 8 == 0
+
+
+# ----------------------------------------------------------------------------- nothing unsafe in the sources
+
+UNSAFE = {
+    "trust_remote_code=True": re.compile(r"trust_remote_code\s*=\s*True"),
+    "pickle.load": re.compile(r"\b(c?pickle|dill|joblib)\.loads?\("),
+    "use_safetensors=False": re.compile(r"use_safetensors\s*=\s*False"),
+    "torch.jit.load": re.compile(r"torch\.jit\.load\("),
+}
+
+
+def _call_text(source: str, start: int) -> str:
+    """The text of the call whose opening parenthesis is at ``start`` (nested parentheses balanced)."""
+    depth = 0
+    for i in range(start, len(source)):
+        depth += {"(": 1, ")": -1}.get(source[i], 0)
+        if depth == 0:
+            return source[start:i + 1]
+    return source[start:]
+
+
+def unsafe_uses(source: str) -> list[str]:
+    found = [name for name, pattern in UNSAFE.items() if pattern.search(source)]
+    for match in re.finditer(r"torch\.load\(", source):
+        if not re.search(r"weights_only\s*=\s*True", _call_text(source, match.end() - 1)):
+            found.append("torch.load without weights_only=True")
+    return found
+
+
+def test_the_scan_finds_unsafe_loading():
+    assert unsafe_uses("sd = torch.load(f, map_location=dict(a=1))") == ["torch.load without weights_only=True"]
+    assert unsafe_uses("sd = torch.load(f, map_location=dict(a=1), weights_only=True)") == []
+    assert unsafe_uses("AutoModel.from_pretrained(x, trust_remote_code=True)") == ["trust_remote_code=True"]
+    assert unsafe_uses("obj = pickle.load(fh)") == ["pickle.load"]
+
+
+def test_sources_load_weights_safely():
+    sources = sorted((ROOT / "sdxl_ambient").rglob("*.py")) + [ROOT / "train_sdxl_ambient.py"]
+    assert len(sources) > 10
+    found = {str(p.relative_to(ROOT)): uses for p in sources if (uses := unsafe_uses(p.read_text()))}
+    assert found == {}
