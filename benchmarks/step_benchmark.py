@@ -385,11 +385,22 @@ def format_targets(target_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def environment(device, weight_dtype, spec: ModelSpec, argv: list[str]) -> dict:
     import diffusers
     import peft
 
-    env = {
+    return {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "command": " ".join(["python", "benchmarks/step_benchmark.py", *argv]),
         "python": platform.python_version(),
@@ -397,14 +408,13 @@ def environment(device, weight_dtype, spec: ModelSpec, argv: list[str]) -> dict:
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "weight_dtype": str(weight_dtype).removeprefix("torch."),
         "model": spec.name,
         "latent_shape": list(spec.latent_shape),
     }
-    return env
 
 
 # ----------------------------------------------------------------------------- command line

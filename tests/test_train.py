@@ -90,3 +90,29 @@ def test_text_encoder_lora_trains_and_loads(tmp_path, tiny_pipeline_dir, image_f
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(out)
     assert np.isfinite(_images(pipe)).all()
+
+
+def test_trains_directly_on_a_corrupted_dataset_and_logs_to_tensorboard(tmp_path, tiny_pipeline_dir, image_folder):
+    """`sdxl-ambient corrupt` output is a training set as is (t_n adopted); validation images reach tensorboard."""
+    pytest.importorskip("tensorboard")
+    from sdxl_ambient.cli import main as cli_main
+
+    shared = tmp_path / "noisy"
+    assert cli_main(["corrupt", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir",
+                     str(image_folder), "--ambient_timestep", "300", "--resolution", "64", "--output_dir", str(shared),
+                     "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    args = tiny_args(tiny_pipeline_dir, shared, out, "--report_to", "tensorboard", "--validation_prompt", "a cat",
+                     "--num_validation_images", "1", "--validation_steps", "2", "--validation_inference_steps", "2", steps=2)
+    i = args.index("--ambient_timestep")
+    del args[i:i + 2]
+    assert run_inprocess(args) == 0
+    import json
+
+    assert json.loads((out / "training_settings.json").read_text())["ambient_timestep"] == 300
+    assert not (out / "latent_cache").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert "validation" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
