@@ -125,6 +125,15 @@ def batch_conditioning(args, batch, text_encoders):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; the SIGTERM handler the run installs (save, then stop) is removed when it ends."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return train(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_output_dir(args)

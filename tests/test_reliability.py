@@ -31,12 +31,13 @@ def _assert_same_weights(expected: dict, got: dict) -> None:
 
 
 def _assert_loadable(checkpoint: Path) -> int:
-    """A complete checkpoint: every safetensors file loads and the trainer state parses; returns its step."""
+    """A complete checkpoint: its weights and optimizer/scheduler state load (safetensors, and torch.load
+    with weights_only=True) and the trainer state parses; returns its step."""
     assert not checkpoint.name.startswith("."), checkpoint
     for weights in checkpoint.glob("*.safetensors"):
         assert all(torch.isfinite(v).all() for v in load_file(str(weights)).values()), weights
-    for name in ("optimizer.bin", "scheduler.bin"):
-        assert (checkpoint / name).stat().st_size > 0, name
+    assert torch.load(checkpoint / "optimizer.bin", weights_only=True)["param_groups"]
+    assert torch.load(checkpoint / "scheduler.bin", weights_only=True)["last_epoch"] >= 0
     state = json.loads((checkpoint / checkpointing.STATE_FILE).read_text())
     assert checkpoint.name == f"checkpoint-{state['global_step']}"
     return state["global_step"]
@@ -123,7 +124,6 @@ def test_killed_at_random_moments_then_resumed_equals_uninterrupted_run(uninterr
         delay = rng.uniform(0.0, 0.3) if moment == "checkpoint" else 0.0
         log = tmp_path / f"run{i}.log"
         assert _interrupt(args, out, log, moment, delay, signum), f"run {i} ended before it was interrupted"
-        print("AFTER", i, moment, signum, sorted(p.name for p in out.iterdir()))
         latest = checkpointing.resolve_checkpoint("latest", out)
         assert latest is not None and latest.parent == out
         step = _assert_loadable(latest)
@@ -180,6 +180,27 @@ def test_resume_from_the_final_checkpoint_takes_no_extra_step(uninterrupted, tmp
     _assert_same_weights(lora_weights(uninterrupted), lora_weights(out))
 
 
+def test_a_kill_while_old_checkpoints_are_deleted_leaves_no_partial_checkpoint(monkeypatch, tmp_path):
+    """--checkpoints_total_limit deletes old checkpoints; a kill half-way through a deletion must not leave
+    a `checkpoint-N` that still looks complete (trainer state present, weights gone)."""
+    for step in (2, 4, 6):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / LORA_FILE).write_bytes(b"weights")
+        (folder / checkpointing.STATE_FILE).write_text(json.dumps({"global_step": step}))
+
+    def killed_half_way(path, ignore_errors=False):
+        (Path(path) / LORA_FILE).unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing._prune(tmp_path, total_limit=1)
+    complete = checkpointing.list_checkpoints(tmp_path)
+    assert [p.name for p in complete] == ["checkpoint-4", "checkpoint-6"]
+    assert all((p / LORA_FILE).is_file() for p in complete)
+
+
 # ----------------------------------------------------------------------------- non-finite losses
 
 
@@ -203,8 +224,10 @@ def _plant_nan(monkeypatch, bad_calls) -> list:
 def test_an_isolated_nan_is_skipped_with_a_warning(monkeypatch, caplog, tmp_path, tiny_pipeline_dir, image_folder):
     calls = _plant_nan(monkeypatch, {2})
     out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
     with caplog.at_level(logging.WARNING, logger="sdxl_ambient"):
         assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, steps=6)) == 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's save-and-stop handler is gone
     assert len(calls) == 6
     assert "non-finite loss at step 1 (1 in a row): update skipped" in caplog.text
     assert all(torch.isfinite(v).all() for v in lora_weights(out).values())
@@ -215,8 +238,10 @@ def test_nonfinite_losses_in_a_row_stop_the_run_with_a_checkpoint(monkeypatch, t
                                                                     image_folder):
     _plant_nan(monkeypatch, None)
     out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RuntimeError, match="--max_nonfinite_steps"):
         run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--max_nonfinite_steps", "2", steps=6))
+    assert signal.getsignal(signal.SIGTERM) is handler
     saved = checkpointing.resolve_checkpoint("latest", out)
     assert _assert_loadable(saved) == 1
     lora = load_file(str(saved / LORA_FILE))
