@@ -112,7 +112,53 @@ def make_optimizer(args, params):
         except ImportError as exc:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install 'sdxl-ambient[bnb]'") from exc
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=params[0].is_cuda, **kwargs)
+    return torch.optim.AdamW(params, fused=True, **kwargs)  # fused: one kernel, and it can skip a step on device
+
+
+class NonFiniteGuard:
+    """Skips updates whose loss or gradients are not finite, without a host sync per step.
+
+    The fused AdamW reads ``found_inf`` on the device and leaves weights and moments untouched
+    when it is set (the mechanism torch's GradScaler uses); with fp16 the GradScaler itself does
+    this. The flags are read back every ``limit`` steps: each skipped step gets a warning, and
+    ``limit`` skips in a row stop the run. Optimizers that cannot skip on device (8-bit Adam)
+    are checked every step instead."""
+
+    def __init__(self, optimizer, limit: int, uses_scaler: bool):
+        self.optimizer, self.limit, self.uses_scaler = optimizer, limit, uses_scaler
+        self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not uses_scaler
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.in_row = 0
+
+    def before_step(self, step: int, loss: torch.Tensor, grad_norm) -> torch.Tensor:
+        """Flag this update (a 0-d bool tensor) and arm the optimizer to skip it; returns the flag."""
+        bad = ~torch.isfinite(loss.detach())
+        if grad_norm is not None and not self.uses_scaler:
+            bad = bad | ~torch.isfinite(grad_norm)
+        if self.on_device:
+            self.optimizer.found_inf = bad.float()
+        self.pending.append((step, bad))
+        return bad
+
+    def must_skip_on_host(self, bad: torch.Tensor) -> bool:
+        return not self.on_device and not self.uses_scaler and bool(bad.item())
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.limit
+
+    def check(self) -> bool:
+        """Read the pending flags (one sync), warn for each skipped step; True when the run must stop."""
+        if not self.pending:
+            return False
+        flags = torch.stack([b for _, b in self.pending]).tolist()
+        stop = False
+        for (step, _), bad in zip(self.pending, flags):
+            self.in_row = self.in_row + 1 if bad else 0
+            if bad:
+                logger.warning("non-finite loss or gradients at step %d (%d in a row): update skipped", step, self.in_row)
+            stop = stop or self.in_row >= self.limit
+        self.pending.clear()
+        return stop
 
 
 def batch_conditioning(args, batch, text_encoders):
@@ -243,7 +289,8 @@ def train(argv: list[str] | None = None) -> int:
                 len(cache), steps_per_epoch, max_steps, args.ambient_timestep, args.consistency_weight,
                 accelerator.num_processes)
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    running, running_count, nonfinite_in_row = None, 0, 0
+    running, running_count = None, None
+    guard = NonFiniteGuard(optimizer.optimizer, args.max_nonfinite_steps, uses_scaler=accelerator.scaler is not None)
     for epoch in range(global_step // steps_per_epoch, num_epochs):
         if global_step >= max_steps:  # resumed from the final checkpoint of a partial last epoch
             break
@@ -260,42 +307,43 @@ def train(argv: list[str] | None = None) -> int:
                     losses = objective(net, batch["observed"], batch["observed_timestep"], generator=generator,
                                        use_consistency=global_step >= args.consistency_start_step)
                 loss = losses["loss"].mean()
-                nonfinite = ~torch.isfinite(loss.detach())
-                if accelerator.num_processes > 1:
-                    nonfinite = accelerator.reduce(nonfinite.float(), "sum") > 0
-                if nonfinite.item():  # skip the update, keep the data order: the step still counts
-                    nonfinite_in_row += 1
-                    logger.warning("non-finite loss at step %d (%d in a row): update skipped", global_step, nonfinite_in_row)
-                    optimizer.zero_grad(set_to_none=True)
-                    if nonfinite_in_row >= args.max_nonfinite_steps:
-                        save(global_step)
-                        raise RuntimeError(f"{nonfinite_in_row} non-finite losses in a row (--max_nonfinite_steps); "
-                                           f"the last good state is saved in {args.output_dir}/checkpoint-{global_step}")
+                if accelerator.num_processes > 1:  # every process must agree to skip
+                    loss_flag = accelerator.reduce(loss.detach(), "sum")
                 else:
-                    nonfinite_in_row = 0
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
+                    loss_flag = loss.detach()
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+                    bad = guard.before_step(global_step + 1, loss_flag, grad_norm)
+                    if not guard.must_skip_on_host(bad):
+                        optimizer.step()
                     lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    good = (~bad).float()
                     terms = torch.stack([losses["loss"].detach().mean(), losses["ambient"].detach().mean(),
                                          losses.get("consistency", torch.zeros_like(loss)).detach().mean()])
+                    terms = torch.where(bad, torch.zeros_like(terms), terms)
                     running = terms if running is None else running + terms
-                    running_count += 1
+                    running_count = good if running_count is None else running_count + good
+                optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
                 ema.step(params)
             global_step += 1
             progress.update(1)
+            if guard.due() or global_step % args.logging_steps == 0 or global_step == max_steps:
+                if guard.check():
+                    save(global_step)  # the skipped updates changed nothing: this is the last good state
+                    raise RuntimeError(f"{args.max_nonfinite_steps} non-finite losses in a row (--max_nonfinite_steps); "
+                                       f"the last good state is saved in {args.output_dir}/checkpoint-{global_step}")
             if (global_step % args.logging_steps == 0 or global_step == max_steps) and running is not None:
-                values = (accelerator.reduce(running / running_count, "mean")).tolist()
+                values = (accelerator.reduce(running / running_count.clamp(min=1), "mean")).tolist()
                 logs = {"loss": values[0], "ambient_loss": values[1], "consistency_loss": values[2],
                         "lr": lr_scheduler.get_last_lr()[0]}
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{values[0]:.4g}")
-                running, running_count = None, 0
+                running, running_count = None, None
             if global_step % args.checkpointing_steps == 0 or stop["signal"] is not None:
                 save(global_step)
             if stop["signal"] is not None:
