@@ -92,11 +92,9 @@ def load_spec(config_path: str) -> ModelSpec:
 
 def tiny_spec() -> ModelSpec:
     """The tiny SDXL-shaped UNet of ``sdxl_ambient.tiny`` (8x8 latents)."""
-    from sdxl_ambient.tiny import build_tiny_pipeline
+    from sdxl_ambient.tiny import tiny_unet_config
 
-    with tempfile.TemporaryDirectory() as workdir:
-        config = dict(build_tiny_pipeline(0, workdir=workdir).unet.config)
-    return spec_from_unet_config("tiny", config, SDXL_SCHEDULER_CONFIG)
+    return spec_from_unet_config("tiny", tiny_unet_config(), SDXL_SCHEDULER_CONFIG)
 
 
 # ----------------------------------------------------------------------------- model, data, optimizer

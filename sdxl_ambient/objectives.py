@@ -22,7 +22,7 @@ import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("epsilon", "observation")
-# Cap of the epsilon-matched weight over SNR(t). On the 2-D toy (notes/toy_results.md, t_n = 100, 3 seeds)
+# Cap of the epsilon-matched weight over SNR(t). On the 2-D toy (docs/toy_results.md, t_n = 100, 3 seeds)
 # caps 4 / 16 / 64 / 256 sampled at mean distances 0.204 / 0.195 / 0.191 / 0.189 from the exact clean
 # denoiser, the plain observation weighting at 0.574; at t_n = 500 cap 64 beat cap 16 (0.821 vs 0.859).
 # 64 takes nearly all of the gain while keeping the loss's variance near t_n bounded.
@@ -53,11 +53,14 @@ def observation_abar(alphas_cumprod: torch.Tensor, observed_timesteps: torch.Ten
     return torch.where(observed_timesteps > 0, abar, torch.ones_like(abar))
 
 
-def draw_timesteps(observed_timesteps: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw t ~ U{t_n, ..., T-1} independently for each sample (T = num_train_timesteps)."""
+def draw_timesteps(observed_timesteps: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None,
+                   window: int | None = None) -> torch.Tensor:
+    """Draw t ~ U{t_n, ..., T-1} independently for each sample (T = num_train_timesteps);
+    with ``window``, t ~ U{t_n, ..., min(t_n + window, T) - 1}."""
     t_n = observed_timesteps.long()
     u = torch.rand(t_n.shape, generator=generator, device=t_n.device if generator is None else generator.device)
-    t = t_n + (u.to(t_n.device) * (num_train_timesteps - t_n)).long()
+    span = num_train_timesteps - t_n if window is None else (num_train_timesteps - t_n).clamp(max=window)
+    t = t_n + (u.to(t_n.device) * span).long()
     return t.clamp(max=num_train_timesteps - 1)
 
 
@@ -207,7 +210,7 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     batched call per step. ``anchor_grad``: the anchor carries gradients; ``chain_grad``: the
     chain's intermediate steps carry gradients. The final predictions h(x'_i, s) always do.
 
-    ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (notes/toy_results.md) the
+    ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
     term helps only where it reaches below t_n: weight = w * (t < t_n + max_delta) with
     anchor_grad=False sampled closer to the clean data, while a constant weight on every t
     pulled the well-trained anchors at large t off and sampled worse than no term at all.

@@ -56,16 +56,12 @@ def write_tokenizer_files(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def build_tiny_pipeline(seed: int = 0, workdir: str | os.PathLike | None = None):
-    """A ``StableDiffusionXLPipeline`` with tiny random components (deterministic in ``seed``)."""
-    import tempfile
+TINY_TEXT_DIM, TINY_POOLED_DIM, TINY_TIME_DIM = 32, 32, 8
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    torch.manual_seed(seed)
-    text_dim, pooled_dim, time_dim = 32, 32, 8
-    unet = UNet2DConditionModel(
+def tiny_unet_config() -> dict:
+    """The tiny UNet's config: SDXL-base's block types and text_time conditioning, 1M parameters."""
+    return dict(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -75,13 +71,25 @@ def build_tiny_pipeline(seed: int = 0, workdir: str | os.PathLike | None = None)
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 1),
-        cross_attention_dim=2 * text_dim,
+        cross_attention_dim=2 * TINY_TEXT_DIM,
         use_linear_projection=True,
         addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+        addition_time_embed_dim=TINY_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_TIME_DIM + TINY_POOLED_DIM,
         norm_num_groups=8,
     )
+
+
+def build_tiny_pipeline(seed: int = 0, workdir: str | os.PathLike | None = None):
+    """A ``StableDiffusionXLPipeline`` with tiny random components (deterministic in ``seed``)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    text_dim = TINY_TEXT_DIM
+    unet = UNet2DConditionModel(**tiny_unet_config())
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -97,7 +105,7 @@ def build_tiny_pipeline(seed: int = 0, workdir: str | os.PathLike | None = None)
     common = dict(
         hidden_size=text_dim, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
         max_position_embeddings=77, vocab_size=2 * 256 + 2, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-        hidden_act="gelu", projection_dim=pooled_dim,
+        hidden_act="gelu", projection_dim=TINY_POOLED_DIM,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**common))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common))

@@ -38,11 +38,12 @@ def test_tiny_run_times_every_case_and_prints_the_table(bench, tmp_path, capsys)
         assert row["mfu"] is None and row["peak_memory_gib"] is None  # CPU: no device peak
     # LoRA trains a small part of the UNet, full fine-tuning all of it
     assert 0 < rows[("lora", 1, "ambient")]["trainable_params"] < rows[("full", 1, "ambient")]["trainable_params"]
-    # same network work in the plain and ambient losses; consistency adds 2B samples through the UNet
+    # same network work in the plain and ambient losses; consistency adds 2B samples forward and backward
+    # (the two chains' final predictions) and a B-sample anchor forward without gradients
     for mode in bench.MODES:
         plain, ambient, cons = (rows[(mode, 8, c)]["flops_per_step"] for c in ("plain-loss", "ambient", "ambient+consistency"))
         assert plain == ambient == rows[(mode, 8, "baseline")]["flops_per_step"]
-        assert cons == pytest.approx(3 * ambient, rel=0.02)
+        assert 3 * ambient < cons < 4 * ambient
         assert rows[(mode, 8, "ambient")]["flops_per_step"] > rows[(mode, 1, "ambient")]["flops_per_step"]
 
     ratio = report["ratios"]["lora/b1"]

@@ -108,6 +108,7 @@ class TrainConfig:
     consistency_max_delta: int | None = None  # None: t_n
     anchor_grad: bool = True
     consistency_window: int | None = None  # only samples with t < t_n + window get the term (None: all)
+    trainer_objective: bool = False  # ambient (+ consistency) through step.AmbientObjective, as the trainer runs it
     steps: int = 3000
     batch_size: int = 1024
     lr: float = 2e-3
@@ -131,6 +132,14 @@ def make_observations(mixture: GaussianMixture, config: TrainConfig, alphas_cump
 
 def training_loss(model, y, t_n, config: TrainConfig, alphas_cumprod, generator) -> torch.Tensor:
     """One batch's loss: the ambient Tweedie loss (plain epsilon loss when t_n = 0), plus the consistency term."""
+    if config.trainer_objective:
+        from sdxl_ambient.step import AmbientObjective
+
+        objective = AmbientObjective(alphas_cumprod, weighting=config.weighting, weight_cap=config.weight_cap,
+                                     consistency_weight=config.consistency_weight, consistency_steps=config.consistency_steps,
+                                     consistency_max_delta=config.consistency_max_delta or config.observed_timestep,
+                                     num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+        return objective(model, y, t_n, generator=generator)["loss"].mean()
     t = obj.draw_timesteps(t_n, NUM_TRAIN_TIMESTEPS, generator)
     x_t = obj.renoise(y, t_n, t, torch.randn(y.shape, generator=generator), alphas_cumprod)
     out = model(x_t, t)
