@@ -53,7 +53,7 @@ class AmbientObjective:
     "loss" (what to minimise), "ambient" and "consistency".
 
     The consistency term draws its own t_c ~ U{t_n, ..., t_n + max_delta - 1} (x_tc renoised from
-    the same observation), so its chains of length delta <= max_delta end below t_n, where the
+    the same observation), so its chains of length delta <= max_delta reach below t_n, where the
     model has no data; the anchor h(x_tc, t_c) and the chains carry no gradient, the two final
     predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term. On the
     2-D toy (docs/toy_results.md) this restricted form helped reliably, while applying the term at

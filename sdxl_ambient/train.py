@@ -41,12 +41,16 @@ def make_accelerator(args):
     from accelerate.utils import ProjectConfiguration
 
     log_with = None if args.report_to in (None, "none") else args.report_to
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # the data loader is ours, not prepared: DeepSpeed must be told the micro-batch
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    return accelerator
 
 
 def resolve_seed(args, resume_path) -> int:
