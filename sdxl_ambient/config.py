@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_private_repo", action="store_true")
     g.add_argument("--push_checkpoints_to_hub", action="store_true",
                    help="Upload each checkpoint's weights in the background (subfolder checkpoint-STEP).")
+    g.add_argument("--hub_checkpoint_mode", type=str, default="subfolder", choices=["subfolder", "branch"],
+                   help="Where pushed checkpoints go: subfolder checkpoint-STEP on main, or a branch checkpoint-STEP.")
     g.add_argument("--push_training_state", action="store_true",
                    help="With --push_checkpoints_to_hub, also upload optimizer and accelerate state.")
     g.add_argument("--hub_token", type=str, default=None, help=argparse.SUPPRESS)

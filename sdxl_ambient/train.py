@@ -275,8 +275,8 @@ def train(argv: list[str] | None = None) -> int:
         hub.write_settings(args.output_dir, args)
         accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(args).items()
                                                           if isinstance(v, (int, float, str, bool))})
-    pusher = hub.CheckpointPusher(args.hub_model_id or Path(args.output_dir).name,
-                                  include_training_state=args.push_training_state) \
+    pusher = hub.CheckpointPusher(args.hub_model_id or Path(args.output_dir).name, mode=args.hub_checkpoint_mode,
+                                  include_training_state=args.push_training_state, private=args.hub_private_repo) \
         if args.push_checkpoints_to_hub and accelerator.is_main_process else None
 
     stop = {"signal": None}

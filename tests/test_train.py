@@ -61,8 +61,7 @@ def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, im
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     out = tmp_path / "full"
-    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--finetune", "full", "--use_ema",
-                                   "--ema_decay", "0.5", steps=3)) == 0
+    launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--finetune", "full", "--use_ema", "--ema_decay", "0.5", steps=3))
     pipe = StableDiffusionXLPipeline.from_pretrained(out, use_safetensors=True)
     base = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir, subfolder="unet")
     changed = [not torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), base.state_dict().values())]
@@ -72,7 +71,7 @@ def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, im
 
 def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
     out = tmp_path / "ddp"
-    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, steps=2), num_processes=2)
+    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", steps=2), num_processes=2)
     assert (out / LORA_FILE).is_file(), proc.stderr[-2000:]
     assert "on 2 processes" in proc.stderr
     weights = lora_weights(out)
@@ -116,3 +115,13 @@ def test_trains_directly_on_a_corrupted_dataset_and_logs_to_tensorboard(tmp_path
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
     events.Reload()
     assert "validation" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
+
+
+def test_bf16_lora_keeps_trained_weights_in_fp32(tmp_path, tiny_pipeline_dir, image_folder):
+    """bf16 mixed precision: frozen weights in bf16, LoRA weights trained and saved in fp32."""
+    out = tmp_path / "bf16"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--mixed_precision", "bf16",
+                                   "--consistency_weight", "1", steps=2)) == 0
+    weights = lora_weights(out)
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in weights.values())
