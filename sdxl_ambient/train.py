@@ -193,6 +193,7 @@ def train(argv: list[str] | None = None) -> int:
 
     from sdxl_ambient import hub, models, validation
     from sdxl_ambient.cache import BucketBatchSampler, prepare_cache
+    from sdxl_ambient.data import public_name
 
     accelerator = make_accelerator(args)
     resume_path = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -254,14 +255,16 @@ def train(argv: list[str] | None = None) -> int:
                                      text_encoder_2=text_encoders[1] if args.train_text_encoder else None,
                                      ema_unet=ema)
 
+    args.consistency_max_delta = args.consistency_max_delta or max(args.ambient_timestep, 1)  # resolved, as saved
+    args.loss_weight_cap = args.loss_weight_cap or DEFAULT_WEIGHT_CAP
     objective = AmbientObjective(
         alphas_cumprod=components.noise_scheduler.alphas_cumprod.to(accelerator.device),
         prediction_type=components.noise_scheduler.config.prediction_type,
         weighting=args.loss_weighting,
-        weight_cap=args.loss_weight_cap or DEFAULT_WEIGHT_CAP,
+        weight_cap=args.loss_weight_cap,
         consistency_weight=args.consistency_weight,
         consistency_steps=args.consistency_steps,
-        consistency_max_delta=args.consistency_max_delta or max(args.ambient_timestep, 1),
+        consistency_max_delta=args.consistency_max_delta,
         num_train_timesteps=num_timesteps,
     )
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1009 + accelerator.process_index)
@@ -375,7 +378,7 @@ def train(argv: list[str] | None = None) -> int:
             models.save_full_pipeline(args.output_dir, components, final_unet)
         images = validation.final_images(components, accelerator, args, val_prompts, weight_dtype) if val_prompts else []
         card = hub.model_card(repo_id=args.hub_model_id or Path(args.output_dir).name,
-                              base_model=args.pretrained_model_name_or_path, settings=hub.public_settings(args),
+                              base_model=public_name(args.pretrained_model_name_or_path), settings=hub.public_settings(args),
                               finetune=args.finetune, image_paths=images, validation_prompt=args.validation_prompt,
                               output_dir=args.output_dir)
         (Path(args.output_dir) / "README.md").write_text(card)
