@@ -166,8 +166,9 @@ def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None,
 def text_embeddings(text_encoder, text_encoder_2, ids_one, ids_two) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's prompt encoding from token ids: prompt_embeds = concat of both encoders' penultimate
     hidden states (B, 77, D1 + D2); pooled = text_encoder_2's projected output (B, P)."""
-    out_one = text_encoder(ids_one.to(text_encoder.device), output_hidden_states=True)
-    out_two = text_encoder_2(ids_two.to(text_encoder_2.device), output_hidden_states=True)
+    device = next(text_encoder.parameters()).device  # also for a DDP-wrapped encoder, which has no .device
+    out_one = text_encoder(ids_one.to(device), output_hidden_states=True)
+    out_two = text_encoder_2(ids_two.to(device), output_hidden_states=True)
     return torch.cat([out_one.hidden_states[-2], out_two.hidden_states[-2]], dim=-1), out_two[0]
 
 

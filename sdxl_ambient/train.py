@@ -38,10 +38,13 @@ def check_output_dir(args) -> None:
 
 def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     log_with = None if args.report_to in (None, "none") else args.report_to
+    # SDXL reads the text encoders' penultimate layer: LoRA on their last layer gets no gradient.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.train_text_encoder else None
     accelerator = Accelerator(
+        kwargs_handlers=ddp,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=log_with,

@@ -71,7 +71,8 @@ def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, im
 
 def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
     out = tmp_path / "ddp"
-    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", steps=2), num_processes=2)
+    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", "--train_text_encoder", steps=2),
+                  num_processes=2)
     assert (out / LORA_FILE).is_file(), proc.stderr[-2000:]
     assert "on 2 processes" in proc.stderr
     weights = lora_weights(out)
