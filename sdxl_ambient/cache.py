@@ -394,16 +394,17 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches of equal latent shape, shuffled from (seed, epoch): the same order on every
     process and after a resume.
 
-    With ``num_replicas`` processes, process ``rank`` takes every num_replicas-th batch (the
-    list is padded by repeating its first batches so every process gets as many).
+    With ``num_replicas`` processes, process ``rank`` takes every num_replicas-th batch. The list is
+    padded by repeating its first batches so that every process gets as many, and a multiple of
+    ``accumulation`` (gradient accumulation steps), so an optimizer step never spans two epochs.
     ``set_epoch(epoch, skip)`` starts an epoch, ``skip`` of this process's batches already done."""
 
     def __init__(self, latent_shapes: list[tuple[int, int]], batch_size: int, seed: int = 0, drop_last: bool = False,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, accumulation: int = 1):
         if batch_size < 1:
             raise ValueError(f"--train_batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.seed, self.drop_last, self.epoch, self.skip = batch_size, seed, drop_last, 0, 0
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.accumulation = num_replicas, rank, accumulation
         self.groups: dict[tuple, list[int]] = {}
         for i, shape in enumerate(latent_shapes):
             self.groups.setdefault(tuple(shape), []).append(i)
@@ -430,14 +431,15 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         batches = self._batches()
-        if self.num_replicas > 1:
+        while len(batches) < len(self) * self.num_replicas:
             batches += batches[: len(self) * self.num_replicas - len(batches)]
-            batches = batches[self.rank::self.num_replicas]
+        batches = batches[self.rank::self.num_replicas]
         return iter(batches[self.skip:])
 
     def __len__(self) -> int:
         """This process's batches in a whole epoch."""
-        return -(-self._total() // self.num_replicas)
+        per_process = -(-self._total() // self.num_replicas)
+        return -(-per_process // self.accumulation) * self.accumulation
 
 
 # ----------------------------------------------------------------------------- the trainer's entry point

@@ -240,10 +240,11 @@ def train(argv: list[str] | None = None) -> int:
 
     # The data order is ours (seeded by epoch, sharded by process, resumable), so the loader is not prepared.
     sampler = BucketBatchSampler(cache.latent_shapes(), args.train_batch_size, seed=args.seed,
-                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                 accumulation=args.gradient_accumulation_steps)
     loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
                                          pin_memory=accelerator.device.type == "cuda")
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+    steps_per_epoch = len(sampler) // args.gradient_accumulation_steps
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,

@@ -299,3 +299,13 @@ def test_prepare_cache_builds_on_the_main_process_only(noise_folder, tmp_path, c
     other = prepare_cache(flags(noise_folder, tmp_path), components, FakeAccelerator(False, log))
     assert log[3:] == [("enter", False), ("exit", False)]  # the other process reads what the main one wrote
     assert torch.equal(other[2]["observed"], dataset[2]["observed"])
+
+
+def test_sampler_pads_epochs_to_whole_optimizer_steps_on_every_process():
+    """3 batches, 2 processes, accumulation 2: each process gets 2 batches, so no step spans two epochs."""
+    shapes = [(8, 8)] * 6
+    per_rank = [list(BucketBatchSampler(shapes, 2, seed=0, num_replicas=2, rank=r, accumulation=2)) for r in (0, 1)]
+    assert [len(b) for b in per_rank] == [2, 2]
+    assert {i for b in per_rank for batch in b for i in batch} == set(range(6))
+    single = BucketBatchSampler(shapes, 2, seed=0, accumulation=2)
+    assert len(single) == 4 and len(list(single)) == 4
