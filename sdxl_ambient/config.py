@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_bucket_reso", type=int, default=2048)
     g.add_argument("--bucket_reso_steps", type=int, default=64)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--ddp_timeout", type=int, default=7200,
+                   help="Seconds a process waits for the others (e.g. while the main process builds the latent cache).")
 
     g = p.add_argument_group("ambient objective")
     g.add_argument("--ambient_timestep", type=int, default=None,
@@ -192,6 +194,8 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--consistency_weight must be >= 0")
     if args.consistency_weight > 0 and args.ambient_timestep == 0:
         fail("--consistency_weight > 0 needs --ambient_timestep > 0 (consistency teaches the timesteps below t_n)")
+    if args.max_nonfinite_steps < 1:
+        fail("--max_nonfinite_steps must be >= 1")
     if args.consistency_steps < 1:
         fail("--consistency_steps must be >= 1")
     if args.consistency_max_delta is not None and args.consistency_max_delta < 1:

@@ -323,3 +323,8 @@ class CheckpointPusher:
         errors = self.wait()
         self._executor.shutdown(wait=True)
         return errors
+
+    def abandon(self) -> None:
+        """On an early stop (preemption, a non-finite streak): drop queued uploads and do not wait for
+        the one in flight, so the process can exit within its grace period."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -25,53 +25,71 @@ logger = logging.getLogger("sdxl_ambient")
 RESULT_FILES = ("pytorch_lora_weights.safetensors", "model_index.json", "training_settings.json")
 
 
-def check_output_dir(args) -> None:
-    """Refuse to write over a finished or running output folder unless asked to."""
+def check_output_dir(args, resume_path) -> None:
+    """Refuse to write over a finished or running output folder unless asked to (or resuming a checkpoint in it)."""
     out = Path(args.output_dir)
-    if args.overwrite_output_dir or args.resume_from_checkpoint or not out.is_dir():
+    if args.overwrite_output_dir or resume_path is not None or not out.is_dir():
         return
     found = [name for name in RESULT_FILES if (out / name).exists()] + [p.name for p in checkpointing.list_checkpoints(out)]
+    if args.resume_from_checkpoint:  # restarting before the first checkpoint: only finished weights are in the way
+        found = [name for name in found if name != "training_settings.json"]
     if found:
         raise ValueError(f"--output_dir {out} already holds {found[:3]}: pass --resume_from_checkpoint latest to continue, "
                          "--overwrite_output_dir to write over it, or choose another folder")
 
 
 def make_accelerator(args):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from datetime import timedelta
+
+    from accelerate import Accelerator, DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     log_with = None if args.report_to in (None, "none") else args.report_to
-    # SDXL reads the text encoders' penultimate layer: LoRA on their last layer gets no gradient.
-    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.train_text_encoder else None
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))]  # ranks wait while rank 0 builds the cache
+    if args.train_text_encoder:  # SDXL reads the text encoders' penultimate layer: LoRA on their last layer gets no gradient
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
-        kwargs_handlers=ddp,
+        kwargs_handlers=handlers,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("FSDP is not supported yet (sharded parameters break EMA, validation and the weight hooks): "
+                         "use DDP (configs/accelerate_ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate_deepspeed_zero2.yaml)")
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:  # the data loader is ours, not prepared: DeepSpeed must be told the micro-batch
+    if plugin is not None:
+        if args.train_text_encoder:
+            raise ValueError("--train_text_encoder trains three models, and DeepSpeed takes one: use DDP for it")
+        # the data loader is ours, not prepared: DeepSpeed must be told the micro-batch
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     return accelerator
 
 
-def resolve_seed(args, resume_path) -> int:
-    """The run's seed: the flag, the resumed run's, or a fresh random one (recorded with the outputs)."""
+def resolve_seed(args, resume_path, accelerator) -> int:
+    """The run's seed: the flag, the resumed run's, the settings saved by an earlier start of this
+    run, or a fresh random one; drawn on the main process and shared, so every rank agrees."""
+    import json
+
+    from accelerate.utils import broadcast_object_list
+
     if args.seed is not None:
         return args.seed
+    seed = None
+    settings = Path(args.output_dir) / "training_settings.json"
     if resume_path is not None:
-        import json
-
-        return json.loads((resume_path / checkpointing.STATE_FILE).read_text())["seed"]
-    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        seed = json.loads((resume_path / checkpointing.STATE_FILE).read_text())["seed"]
+    elif settings.is_file() and not args.overwrite_output_dir:
+        seed = json.loads(settings.read_text()).get("seed")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    return broadcast_object_list([seed])[0] if accelerator.num_processes > 1 else seed
 
 
 def place_frozen(args, components, accelerator, weight_dtype) -> None:
-    """Freeze every part and put the encoders on the device: the VAE in fp32 unless a separate
-    (fixed) VAE was given, the text encoders in the training precision."""
-    for module in (components.unet, components.text_encoder, components.text_encoder_2, components.vae):
-        module.requires_grad_(False)
+    """Put the (frozen) encoders on the device: the VAE in fp32 unless a separate (fixed) VAE was
+    given, the text encoders in the training precision."""
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     components.vae.to(accelerator.device, dtype=vae_dtype)
     for te in (components.text_encoder, components.text_encoder_2):
@@ -100,7 +118,7 @@ def setup_trainable(args, components, accelerator, weight_dtype):
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
             for te in text_encoders:
-                te.gradient_checkpointing_enable()
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.enable_xformers_memory_efficient_attention:
         try:
             unet.enable_xformers_memory_efficient_attention()
@@ -126,43 +144,46 @@ class NonFiniteGuard:
     """Skips updates whose loss or gradients are not finite, without a host sync per step.
 
     The fused AdamW reads ``found_inf`` on the device and leaves weights and moments untouched
-    when it is set (the mechanism torch's GradScaler uses); with fp16 the GradScaler itself does
-    this. The flags are read back every ``limit`` steps: each skipped step gets a warning, and
-    ``limit`` skips in a row stop the run. Optimizers that cannot skip on device (8-bit Adam)
-    are checked every step instead."""
+    when it is set (the mechanism torch's GradScaler uses). The flags are read back every
+    ``limit`` steps: each skipped step gets a warning, and ``limit`` in a row stop the run.
+    Optimizers that cannot skip on device (8-bit Adam) are checked every step instead. Where
+    something else owns the update (``external``: fp16's GradScaler, DeepSpeed), only non-finite
+    losses are counted and stopped on. A skipped update still advances the LR schedule and EMA."""
 
-    def __init__(self, optimizer, limit: int, uses_scaler: bool):
-        self.optimizer, self.limit, self.uses_scaler = optimizer, limit, uses_scaler
-        self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not uses_scaler
+    def __init__(self, optimizer, limit: int, external: bool):
+        self.optimizer, self.limit, self.external = optimizer, limit, external
+        self.on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and not external
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.in_row = 0
 
     def before_step(self, step: int, loss: torch.Tensor, grad_norm) -> torch.Tensor:
         """Flag this update (a 0-d bool tensor) and arm the optimizer to skip it; returns the flag."""
         bad = ~torch.isfinite(loss.detach())
-        if grad_norm is not None and not self.uses_scaler:
-            bad = bad | ~torch.isfinite(grad_norm)
+        if grad_norm is not None and not self.external:
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))
         if self.on_device:
             self.optimizer.found_inf = bad.float()
         self.pending.append((step, bad))
         return bad
 
     def must_skip_on_host(self, bad: torch.Tensor) -> bool:
-        return not self.on_device and not self.uses_scaler and bool(bad.item())
+        return not self.on_device and not self.external and bool(bad.item())
 
     def due(self) -> bool:
         return len(self.pending) >= self.limit
 
     def check(self) -> bool:
-        """Read the pending flags (one sync), warn for each skipped step; True when the run must stop."""
+        """Read the pending flags (one sync), warn for each one; True when the run must stop."""
         if not self.pending:
             return False
         flags = torch.stack([b for _, b in self.pending]).tolist()
         stop = False
+        what = "non-finite loss" if self.external else "non-finite loss or gradients"
+        done = "" if self.external else ": update skipped"
         for (step, _), bad in zip(self.pending, flags):
             self.in_row = self.in_row + 1 if bad else 0
             if bad:
-                logger.warning("non-finite loss or gradients at step %d (%d in a row): update skipped", step, self.in_row)
+                logger.warning("%s at step %d (%d in a row)%s", what, step, self.in_row, done)
             stop = stop or self.in_row >= self.limit
         self.pending.clear()
         return stop
@@ -189,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    check_output_dir(args)
+    resume_path = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    check_output_dir(args, resume_path)
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -199,8 +221,7 @@ def train(argv: list[str] | None = None) -> int:
     from sdxl_ambient.data import public_name
 
     accelerator = make_accelerator(args)
-    resume_path = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    args.seed = resolve_seed(args, resume_path)
+    args.seed = resolve_seed(args, resume_path, accelerator)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -213,6 +234,7 @@ def train(argv: list[str] | None = None) -> int:
         components.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        hub.write_settings(args.output_dir, args)  # the seed, for a restart before the first checkpoint
     place_frozen(args, components, accelerator, weight_dtype)
     cache = prepare_cache(args, components, accelerator)  # sets args.ambient_timestep from a latent dataset
     num_timesteps = components.noise_scheduler.config.num_train_timesteps
@@ -289,6 +311,16 @@ def train(argv: list[str] | None = None) -> int:
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
+    def stop_requested(at_sync_point: bool) -> bool:
+        """SIGTERM seen here, or (several processes) by any process: decided together at a sync point,
+        so that every process saves the same checkpoint instead of some waiting in a collective."""
+        if accelerator.num_processes == 1:
+            return stop["signal"] is not None
+        if not at_sync_point:
+            return False
+        flag = torch.tensor(float(stop["signal"] is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
     def save(step):
         path = checkpointing.save_checkpoint(accelerator, args.output_dir, step,
                                              {"global_step": step, "seed": args.seed}, generator,
@@ -296,12 +328,20 @@ def train(argv: list[str] | None = None) -> int:
         if pusher is not None:
             pusher.push(path, step)
 
+    def validate(step, final=False):
+        """Validation images with the current weights, on the main process (text encoders re-read if trained)."""
+        prompts = validation.encode_prompts(components, args) if args.train_text_encoder else val_prompts
+        if final:
+            return validation.final_images(components, accelerator, args, prompts, weight_dtype)
+        return validation.log_validation(components, accelerator, args, prompts, step, weight_dtype)
+
     logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
                 len(cache), steps_per_epoch, max_steps, args.ambient_timestep, args.consistency_weight,
                 accelerator.num_processes)
     progress = tqdm(range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    running, running_count = None, None
-    guard = NonFiniteGuard(optimizer.optimizer, args.max_nonfinite_steps, uses_scaler=accelerator.scaler is not None)
+    running, running_count, micro = None, None, None
+    guard = NonFiniteGuard(optimizer.optimizer, args.max_nonfinite_steps,
+                           external=accelerator.scaler is not None or accelerator.state.deepspeed_plugin is not None)
     for epoch in range(global_step // steps_per_epoch, num_epochs):
         if global_step >= max_steps:  # resumed from the final checkpoint of a partial last epoch
             break
@@ -318,24 +358,22 @@ def train(argv: list[str] | None = None) -> int:
                     losses = objective(net, batch["observed"], batch["observed_timestep"], generator=generator,
                                        use_consistency=global_step >= args.consistency_start_step)
                 loss = losses["loss"].mean()
-                if accelerator.num_processes > 1:  # every process must agree to skip
-                    loss_flag = accelerator.reduce(loss.detach(), "sum")
-                else:
-                    loss_flag = loss.detach()
                 accelerator.backward(loss)
-                grad_norm = None
+                terms = torch.stack([loss.detach(), losses["ambient"].detach().mean(),
+                                     losses.get("consistency", torch.zeros_like(loss)).detach().mean()])
+                micro = terms if micro is None else micro + terms  # summed over the accumulated micro-batches
                 if accelerator.sync_gradients:
+                    # every process must agree to skip: the summed loss, and the (all-reduced) gradient norm
+                    total = accelerator.reduce(micro[0], "sum") if accelerator.num_processes > 1 else micro[0]
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-                    bad = guard.before_step(global_step + 1, loss_flag, grad_norm)
+                    bad = guard.before_step(global_step + 1, total, grad_norm)
                     if not guard.must_skip_on_host(bad):
                         optimizer.step()
                     lr_scheduler.step()
-                    good = (~bad).float()
-                    terms = torch.stack([losses["loss"].detach().mean(), losses["ambient"].detach().mean(),
-                                         losses.get("consistency", torch.zeros_like(loss)).detach().mean()])
-                    terms = torch.where(bad, torch.zeros_like(terms), terms)
-                    running = terms if running is None else running + terms
-                    running_count = good if running_count is None else running_count + good
+                    step_terms = torch.where(bad, torch.zeros_like(micro), micro / args.gradient_accumulation_steps)
+                    running = step_terms if running is None else running + step_terms
+                    running_count = (~bad).float() if running_count is None else running_count + (~bad).float()
+                    micro = None
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -343,27 +381,33 @@ def train(argv: list[str] | None = None) -> int:
                 ema.step(params)
             global_step += 1
             progress.update(1)
-            if guard.due() or global_step % args.logging_steps == 0 or global_step == max_steps:
-                if guard.check():
-                    save(global_step)  # the skipped updates changed nothing: this is the last good state
-                    raise RuntimeError(f"{args.max_nonfinite_steps} non-finite losses in a row (--max_nonfinite_steps); "
-                                       f"the last good state is saved in {args.output_dir}/checkpoint-{global_step}")
-            if (global_step % args.logging_steps == 0 or global_step == max_steps) and running is not None:
+            log_now = global_step % args.logging_steps == 0 or global_step == max_steps
+            sync_point = guard.due() or log_now
+            if sync_point and guard.check():
+                save(global_step)  # the skipped updates changed nothing: this is the last good state
+                if pusher is not None:
+                    pusher.abandon()
+                raise RuntimeError(f"{args.max_nonfinite_steps} non-finite losses in a row (--max_nonfinite_steps); "
+                                   f"the last good state is saved in {args.output_dir}/checkpoint-{global_step}")
+            if log_now and running is not None:
                 values = (accelerator.reduce(running / running_count.clamp(min=1), "mean")).tolist()
                 logs = {"loss": values[0], "ambient_loss": values[1], "consistency_loss": values[2],
                         "lr": lr_scheduler.get_last_lr()[0]}
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{values[0]:.4g}")
                 running, running_count = None, None
-            if global_step % args.checkpointing_steps == 0 or stop["signal"] is not None:
+            stopping = stop_requested(sync_point)
+            if global_step % args.checkpointing_steps == 0 or stopping:
                 save(global_step)
-            if stop["signal"] is not None:
+            if stopping:
                 logger.warning("stopped by signal %s at step %d; resume with --resume_from_checkpoint latest",
-                               stop["signal"], global_step)
+                               stop["signal"] or "(another process's)", global_step)
+                if pusher is not None:
+                    pusher.abandon()
                 accelerator.end_training()
                 return 143
-            if val_prompts is not None and global_step % args.validation_steps == 0:
-                validation.log_validation(components, accelerator, args, val_prompts, global_step, weight_dtype)
+            if val_prompts is not None and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                validate(global_step)
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
@@ -380,7 +424,7 @@ def train(argv: list[str] | None = None) -> int:
                              accelerator.unwrap_model(text_encoders[1]) if args.train_text_encoder else None)
         else:
             models.save_full_pipeline(args.output_dir, components, final_unet)
-        images = validation.final_images(components, accelerator, args, val_prompts, weight_dtype) if val_prompts else []
+        images = validate(global_step, final=True) if val_prompts else []
         card = hub.model_card(repo_id=args.hub_model_id or Path(args.output_dir).name,
                               base_model=public_name(args.pretrained_model_name_or_path), settings=hub.public_settings(args),
                               finetune=args.finetune, image_paths=images, validation_prompt=args.validation_prompt,

@@ -438,3 +438,29 @@ def test_sources_load_weights_safely():
     assert len(sources) > 10
     found = {str(p.relative_to(ROOT)): uses for p in sources if (uses := unsafe_uses(p.read_text()))}
     assert found == {}
+
+
+def test_sigterm_to_two_processes_stops_both_at_one_checkpoint(tmp_path, tiny_pipeline_dir, image_folder):
+    """Preemption of a two-process run: the processes agree on the step, save it together and exit,
+    instead of one saving while the other waits in a gradient all-reduce."""
+    out = tmp_path / "out"
+    args = tiny_args(tiny_pipeline_dir, image_folder, out, "--checkpointing_steps", "100000", "--logging_steps", "100000",
+                     steps=100000)
+    proc = subprocess.Popen(launch_command(args, 2), cwd=ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "latent_cache" / "manifest.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(5)  # well into training
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stops = [line for line in output.splitlines() if "stopped by signal" in line]
+    assert len(stops) == 2, output[-3000:]
+    steps = {line.split(" at step ")[1].split(";")[0] for line in stops}
+    assert len(steps) == 1
+    (saved,) = checkpointing.list_checkpoints(out)
+    assert saved.name == f"checkpoint-{steps.pop()}"
