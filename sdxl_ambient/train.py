@@ -257,7 +257,7 @@ def train(argv: list[str] | None = None) -> int:
     if args.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=args.ema_decay)
+        ema = EMAModel(params, decay=args.ema_decay, foreach=True)
         ema.to(accelerator.device)
 
     # The data order is ours (seeded by epoch, sharded by process, resumable), so the loader is not prepared.
