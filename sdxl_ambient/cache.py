@@ -140,8 +140,15 @@ def cache_settings(config: DataConfig, components, ambient_timestep: int, shard_
 
 
 def data_entries(images: TrainingImages) -> list[dict]:
-    """Per example: key (relative file name or row), content fingerprint, original size, caption."""
-    return [{"key": r.key, **r.fingerprint, "original_size": list(r.original_size), "caption": r.caption} for r in images.records]
+    """Per example: key (relative file name or row), content fingerprint, original size, caption.
+
+    The fingerprint is keyed by the noise seed: a plain hash of the file would let anyone holding a
+    candidate image confirm that it is in a shared noisy dataset."""
+    def keyed(fingerprint: dict) -> str:
+        return hashlib.sha256(f"{images.config.seed}\x00{json.dumps(fingerprint, sort_keys=True)}".encode()).hexdigest()
+
+    return [{"key": r.key, "content": keyed(r.fingerprint), "original_size": list(r.original_size), "caption": r.caption}
+            for r in images.records]
 
 
 def _setting_differences(old: dict, new: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """The noisy-latent cache, its sampler, prepare_cache and `sdxl-ambient corrupt`."""
 
 import contextlib
+import hashlib
 import json
 import types
 from pathlib import Path
@@ -237,7 +238,9 @@ def test_manifest_records_the_making_and_no_local_paths(noise_folder, tmp_path, 
     assert (s["ambient_timestep"], s["resolution"], s["random_flip"], s["enable_bucket"]) == (T_N, 64, True, True)
     assert s["seed"] == cache_mod.seed_digest(7) and '"seed": 7' not in text  # the seed would undo the noise
     assert s["model_id"] == tiny_pipeline_dir.name and m["data"]["examples"][0]["key"] == "img0.png"
-    assert len(m["data"]["examples"][0]["sha256"]) == 64 and m["complete"]
+    assert len(m["data"]["examples"][0]["content"]) == 64 and m["complete"]
+    plain = hashlib.sha256((noise_folder / "img0.png").read_bytes()).hexdigest()
+    assert plain not in text  # keyed by the seed: the manifest cannot confirm a candidate image
 
 
 def test_corrupt_command_writes_a_dataset_prepare_cache_adopts(noise_folder, tmp_path, components, tiny_pipeline_dir, capsys):
