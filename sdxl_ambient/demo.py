@@ -56,6 +56,7 @@ def run(args) -> int:
     import yaml
 
     from sdxl_ambient.cli import main as cli_main
+    from sdxl_ambient.evaluation.memorization import read_training_set
     from sdxl_ambient.tiny import save_tiny_dinov2, save_tiny_pipeline
     from sdxl_ambient.train import main as train_main
 
@@ -72,10 +73,7 @@ def run(args) -> int:
         argv += ["--overwrite_output_dir"]
     train_main(argv)
     config = yaml.safe_load(demo_config().read_text())
-    captions = [line for line in (demo_images() / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    import json
-
-    prompts = [json.loads(c)["text"] for c in captions[:4]]
+    prompts = [record["caption"] for record in read_training_set(demo_images())[:4]]
     grid = compare_grid(pipeline_dir, lora_dir, prompts, out / "demo_grid.png", config["resolution"])
     report = out / "memorization"
     cli_main(["memorization", "--train_data_dir", str(demo_images()), "--model", f"base={pipeline_dir}",

@@ -1,6 +1,7 @@
 """Validation images during training: sampled with the model being trained, sent to the trackers, saved as a grid.
 
-The prompts are encoded once at start-up, so the text encoders need not stay on the device.
+The prompts are encoded once at start-up, so the text encoders need not stay on the device
+(when the text encoders train, the trainer encodes them again before each validation).
 """
 
 from __future__ import annotations
@@ -15,27 +16,24 @@ from sdxl_ambient.evaluation.report import image_grid
 logger = logging.getLogger(__name__)
 
 
-def _pipeline(components, unet):
+def _pipeline(components, unet, with_text_encoders: bool = False):
+    """An SDXL pipeline over the training components (Euler sampling); the text encoders only when
+    prompts are to be encoded, since sampling gets the embeddings."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
-    return StableDiffusionXLPipeline(vae=components.vae, text_encoder=None, text_encoder_2=None,
-                                     tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2,
-                                     unet=unet, scheduler=scheduler)
+    return StableDiffusionXLPipeline(
+        vae=components.vae, unet=unet, tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2,
+        text_encoder=components.text_encoder if with_text_encoders else None,
+        text_encoder_2=components.text_encoder_2 if with_text_encoders else None,
+        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config))
 
 
 @torch.no_grad()
 def encode_prompts(components, args) -> dict:
-    """The validation prompt's embeddings (and the negative, empty prompt's), made once."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline(vae=components.vae, text_encoder=components.text_encoder,
-                                     text_encoder_2=components.text_encoder_2, tokenizer=components.tokenizer,
-                                     tokenizer_2=components.tokenizer_2, unet=components.unet,
-                                     scheduler=components.noise_scheduler)
-    device = components.text_encoder.device
-    pe, neg, pooled, neg_pooled = pipe.encode_prompt(args.validation_prompt, device=device, num_images_per_prompt=1,
-                                                     do_classifier_free_guidance=True)
+    """The validation prompt's embeddings (and the negative, empty prompt's)."""
+    pipe = _pipeline(components, components.unet, with_text_encoders=True)
+    pe, neg, pooled, neg_pooled = pipe.encode_prompt(args.validation_prompt, device=components.text_encoder.device,
+                                                     num_images_per_prompt=1, do_classifier_free_guidance=True)
     return {"prompt_embeds": pe, "negative_prompt_embeds": neg,
             "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
 
