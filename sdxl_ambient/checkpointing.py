@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxl_ambient.errors import UserError
+
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -49,10 +51,10 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir) -> Path |
     for candidate in (Path(resume_from_checkpoint), Path(output_dir) / resume_from_checkpoint):
         if candidate.is_dir():
             if not (candidate / STATE_FILE).is_file():
-                raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {candidate} is not a complete checkpoint "
+                raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: {candidate} is not a complete checkpoint "
                                  f"(no {STATE_FILE})")
             return candidate
-    raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder (or use `latest`)")
+    raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder (or use `latest`)")
 
 
 def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: torch.Generator,
@@ -87,7 +89,7 @@ def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict
     accelerator.load_state(str(path))
     rng_file = path / f"rng-{accelerator.process_index}.safetensors"
     if not rng_file.is_file():
-        raise ValueError(f"{path} was written by a run with fewer processes: {rng_file.name} is missing")
+        raise UserError(f"{path} was written by a run with fewer processes: {rng_file.name} is missing")
     generator.set_state(load_file(str(rng_file))["state"])
     return json.loads((path / STATE_FILE).read_text())
 

@@ -6,9 +6,16 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdxl_ambient import objectives as obj
-from toy import (
-    GaussianMixture, TrainConfig, ddim_sample, exact_denoiser, model_denoiser, ring_mixture, sample_distance,
-    sdxl_alphas_cumprod, train,
+from sdxl_ambient.toy import (
+    GaussianMixture,
+    TrainConfig,
+    ddim_sample,
+    exact_denoiser,
+    model_denoiser,
+    ring_mixture,
+    sample_distance,
+    sdxl_alphas_cumprod,
+    train,
 )
 
 T = 1000

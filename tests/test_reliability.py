@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainrun import LORA_FILE, ROOT, launch_command, lora_weights, run_inprocess, subprocess_env, tiny_args
 
+from helpers import DEMO_IMAGES, ROOT
+from helpers.training import LORA_FILE, launch_command, lora_weights, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
 
 STEPS = 42  # not a multiple of the 4 steps per epoch (8 images, batch 2): the last epoch is partial
@@ -46,8 +47,6 @@ def _assert_loadable(checkpoint: Path) -> int:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_pipeline_dir):
     """The reference: one run of STEPS steps with a checkpoint every 2 steps, never interrupted."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path_factory.mktemp("reference") / "out"
     assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, steps=STEPS)) == 0
     return out
@@ -113,8 +112,6 @@ def test_killed_at_random_moments_then_resumed_equals_uninterrupted_run(uninterr
     """kill -9 (twice at random moments, once in the middle of a save) and a SIGTERM, each followed by
     `--resume_from_checkpoint latest`: the final LoRA is bit-identical to the uninterrupted run's, and
     `latest` is always a complete, loadable checkpoint."""
-    from conftest import DEMO_IMAGES
-
     rng = random.Random(20240410)
     out = tmp_path / "out"
     args = tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint", "latest", steps=STEPS)
@@ -140,8 +137,6 @@ def test_half_written_save_is_never_resumed_from(uninterrupted, tmp_path, tiny_p
     """A kill in the middle of a save leaves a `.tmp-checkpoint-N` (partial) or, with a non-atomic writer,
     a `checkpoint-N` without its trainer state: `latest` skips both and the resumed run ends as the
     uninterrupted one did."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     for name in (LORA_FILE, "pytorch_lora_weights_kohya.safetensors", "README.md"):
@@ -170,8 +165,6 @@ def test_half_written_save_is_never_resumed_from(uninterrupted, tmp_path, tiny_p
 def test_resume_from_the_final_checkpoint_takes_no_extra_step(uninterrupted, tmp_path, tiny_pipeline_dir):
     """Killed after the last checkpoint but before the final weights were written: resuming finishes
     without training past --max_train_steps."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     (out / LORA_FILE).unlink()

@@ -5,14 +5,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from trainrun import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
+
+from helpers import DEMO_IMAGES
+from helpers.training import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_pipeline_dir):
     """One uninterrupted LoRA run with the consistency loss under `accelerate launch` (6 steps, checkpoints at 3 and 6)."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path_factory.mktemp("lora") / "out"
     launch(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--consistency_weight", "0.5",
                      "--validation_prompt", "a ginger cat", "--num_validation_images", "1",
@@ -42,8 +42,6 @@ def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipe
 
 def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pipeline_dir):
     """Drop everything after checkpoint-3, resume with `latest`: the final LoRA is bit-identical."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path / "out"
     shutil.copytree(lora_run, out)
     shutil.rmtree(out / "checkpoint-6")
@@ -109,7 +107,7 @@ def test_trains_directly_on_a_corrupted_dataset_and_logs_to_tensorboard(tmp_path
     assert run_inprocess(args) == 0
     import json
 
-    assert json.loads((out / "training_settings.json").read_text())["ambient_timestep"] == 300
+    assert json.loads((out / "training_settings.json").read_text())["resolved"]["ambient_timestep"] == 300
     assert not (out / "latent_cache").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
