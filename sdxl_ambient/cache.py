@@ -48,6 +48,7 @@ from sdxl_ambient.data import (
     prepare_example,
     public_name,
 )
+from sdxl_ambient.durable import atomic_write
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.objectives import add_noise, check_ambient_timestep, observation_abar
 from sdxl_ambient.text import text_embeddings, tokenize
@@ -75,15 +76,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over ``path`` (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_manifest(cache_dir: Path, manifest: dict) -> None:
-    _atomic_write(cache_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    atomic_write(cache_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
 def _write_secrets(cache_dir: Path, secrets: dict) -> None:
@@ -92,7 +86,7 @@ def _write_secrets(cache_dir: Path, secrets: dict) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(secrets, fh)
-    _atomic_write(cache_dir / SECRETS, write)
+    atomic_write(cache_dir / SECRETS, write)
 
 
 def _read_secrets(cache_dir: Path) -> dict:
@@ -402,7 +396,7 @@ def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components
                 _placed(components.text_encoder_2, device):
             for name, indices in todo:
                 tensors, shapes = encode_shard(images, indices, components, ambient_timestep, seed, batch_size, device)
-                _atomic_write(cache_dir / name, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
+                atomic_write(cache_dir / name, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
                 shards[name] = {"indices": indices, "latent_shapes": shapes, "sha256": _sha256_file(cache_dir / name)}
                 _write_manifest(cache_dir, manifest)
     manifest["shards"] = {name: shards[name] for name, _ in plan}

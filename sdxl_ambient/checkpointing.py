@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxl_ambient.durable import fsync_dir, fsync_file
 from sdxl_ambient.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: 
         if final.exists():  # a second save of the same step (e.g. a stop right after a checkpoint)
             _remove(final)
         os.replace(tmp, final)
+        fsync_dir(root)  # the rename itself reaches the disk
         _prune(root, total_limit)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
@@ -108,12 +110,14 @@ def _remove(checkpoint: Path) -> None:
     ``.tmp-checkpoint-N-old`` (atomic) first, then delete that (a stale one goes with the next save)."""
     doomed = checkpoint.with_name(f".tmp-{checkpoint.name}-old")
     os.replace(checkpoint, doomed)
+    fsync_dir(checkpoint.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush the files of a finished save to disk before it is renamed into place."""
+    """Flush the files and folders of a finished save to disk before it is renamed into place."""
     for path in folder.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(path)
+    for path in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
+        fsync_dir(path)

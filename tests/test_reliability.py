@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import DEMO_IMAGES, ROOT
+from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
 from helpers.training import LORA_FILE, launch_command, lora_weights, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
 
@@ -108,6 +108,7 @@ def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: in
     return alive
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_killed_at_random_moments_then_resumed_equals_uninterrupted_run(uninterrupted, tmp_path, tiny_pipeline_dir):
     """kill -9 (twice at random moments, once in the middle of a save) and a SIGTERM, each followed by
     `--resume_from_checkpoint latest`: the final LoRA is bit-identical to the uninterrupted run's, and
@@ -433,6 +434,7 @@ def test_sources_load_weights_safely():
     assert found == {}
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_sigterm_to_two_processes_stops_both_at_one_checkpoint(tmp_path, tiny_pipeline_dir, image_folder):
     """Preemption of a two-process run: the processes agree on the step, save it together and exit,
     instead of one saving while the other waits in a gradient all-reduce."""
@@ -457,3 +459,91 @@ def test_sigterm_to_two_processes_stops_both_at_one_checkpoint(tmp_path, tiny_pi
     assert len(steps) == 1
     (saved,) = checkpointing.list_checkpoints(out)
     assert saved.name == f"checkpoint-{steps.pop()}"
+
+
+# ----------------------------------------------------------------------------- the cache's noise stays secret
+
+
+def _without_seed(args: list[str]) -> list[str]:
+    i = args.index("--seed")
+    return args[:i] + args[i + 2:]
+
+
+def test_the_training_seed_does_not_reveal_the_cache_noise(monkeypatch, tmp_path, tiny_pipeline_dir, image_folder):
+    """The in-trainer cache draws its own secret noise seed: it is written nowhere in the output folder
+    (settings, trainer state, cache), and the same --seed in another folder gets other noise."""
+    import secrets
+
+    from sdxl_ambient.cache import LatentCache
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "5eed" * (n // 2))
+    out = tmp_path / "out"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, steps=3, noise_seed=None)) == 0
+    for path in _files_under(out):
+        assert b"5eed" * 8 not in path.read_bytes(), path
+    settings = json.loads((out / "training_settings.json").read_text())
+    assert settings["resolved"]["seed"] == 0 and not any("noise" in k for k in (*settings, *settings["resolved"]))
+    assert json.loads((out / "checkpoint-3" / checkpointing.STATE_FILE).read_text())["seed"] == 0
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "abcd" * (n // 2))
+    other = tmp_path / "other"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, other, steps=1, noise_seed=None)) == 0
+    first, second = LatentCache(out / "latent_cache"), LatentCache(other / "latent_cache")
+    assert not torch.allclose(first[0]["observed"], second[0]["observed"], atol=1e-3)
+
+
+def test_overwrite_without_a_seed_reuses_the_cache(caplog, tmp_path, tiny_pipeline_dir, image_folder):
+    """--overwrite_output_dir without --seed draws a new training seed; the cache does not depend on it
+    and is reused as it is, not refused or rebuilt."""
+    out = tmp_path / "out"
+    args = _without_seed(tiny_args(tiny_pipeline_dir, image_folder, out, steps=1, noise_seed=None))
+    with caplog.at_level(logging.INFO, logger="sdxl_ambient"):
+        assert run_inprocess(args) == 0
+    assert "encoding 1 of 1 shard(s)" in caplog.text
+    shard = out / "latent_cache" / "shard-00000.safetensors"
+    before, seed = shard.read_bytes(), json.loads((out / "training_settings.json").read_text())["resolved"]["seed"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdxl_ambient"):
+        assert run_inprocess(args + ["--overwrite_output_dir"]) == 0
+    assert "encoding" not in caplog.text and shard.read_bytes() == before
+    assert json.loads((out / "training_settings.json").read_text())["resolved"]["seed"] != seed
+
+
+class _SavingAccelerator:
+    """The part of accelerate that save_checkpoint uses, on one process."""
+
+    is_main_process, process_index = True, 0
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        (Path(folder) / "optimizer.bin").write_bytes(b"state")
+
+
+def test_checkpoint_renames_are_flushed_to_their_folder(monkeypatch, tmp_path):
+    """A rename is durable only once its folder is flushed: after each checkpoint is renamed into place,
+    and after an old one is renamed away, the output folder is fsynced."""
+    events = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or real_replace(a, b))
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    generator = torch.Generator()
+    for step in (1, 2):
+        checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, step, {"global_step": step}, generator, total_limit=1)
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert [events[i][1] for i in renames] == ["checkpoint-1", "checkpoint-2", ".tmp-checkpoint-1-old"]
+    for i in renames:
+        assert events[i + 1] == ("fsync", str(tmp_path)), events[i:i + 2]
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_the_demo_stops_when_its_training_stops(monkeypatch, tmp_path, capsys):
+    """A training run that ends early (143: stopped by a signal) must not be followed by sampling and a report."""
+    from sdxl_ambient import train
+    from sdxl_ambient.cli import main
+
+    monkeypatch.setattr(train, "main", lambda argv: 143)
+    status = main(["demo", "--output_dir", str(tmp_path / "demo")])
+    assert_one_line_error(capsys, status, "exit status 143", "--resume_from_checkpoint latest")
+    assert not (tmp_path / "demo" / "demo_grid.png").exists() and not (tmp_path / "demo" / "memorization").exists()

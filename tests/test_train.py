@@ -25,6 +25,7 @@ def _images(pipe, seed=0):
     return pipe("a ginger cat", num_inference_steps=3, height=64, width=64, generator=g, output_type="np").images
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipeline_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -40,6 +41,7 @@ def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipe
     assert np.abs(after - before).max() > 1e-3
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pipeline_dir):
     """Drop everything after checkpoint-3, resume with `latest`: the final LoRA is bit-identical."""
     out = tmp_path / "out"
@@ -55,6 +57,7 @@ def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pi
         assert torch.equal(expected[key], resumed[key]), key
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, image_folder):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -67,6 +70,7 @@ def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, im
     assert (out / "checkpoint-3").is_dir()
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
     out = tmp_path / "ddp"
     proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", "--train_text_encoder", steps=2),
