@@ -33,6 +33,7 @@ import os
 import random
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -166,7 +167,8 @@ def fresh_noise_seed() -> str:
     return secrets.token_hex(16)  # 128 bits
 
 
-def cache_settings(config: DataConfig, components, ambient_timestep: int, shard_size: int) -> dict:
+def manifest_settings(config: DataConfig, components, ambient_timestep: int, shard_size: int) -> dict:
+    """What the manifest records of how the cache was made; a cache is reused only when they are equal."""
     return {
         "model_id": public_name(getattr(components, "model_id", None)),
         "vae_id": public_name(getattr(components, "vae_id", None)),
@@ -359,7 +361,7 @@ def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components
     separate VAE (``vae_id``)."""
     cache_dir = Path(cache_dir)
     check_ambient_timestep(ambient_timestep, len(components.noise_scheduler.alphas_cumprod))
-    settings = cache_settings(images.config, components, ambient_timestep, shard_size)
+    settings = manifest_settings(images.config, components, ambient_timestep, shard_size)
     manifest, secret = read_manifest(cache_dir), _read_secrets(cache_dir)
     if manifest is not None and manifest["settings"] != settings:
         _refuse(cache_dir, "settings", _setting_differences(manifest["settings"], settings))
@@ -540,20 +542,28 @@ def adopt_latent_dataset(folder, components, ambient_timestep: int | None) -> La
     return cache
 
 
-def prepare_cache(source: DataSource, config: DataConfig, cache_dir, components, *, ambient_timestep: int | None,
-                  noise_seed: str | None = None, accelerator=None) -> LatentCache:
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where the trainer's latent cache goes, the data's noise level (None: adopt a noisy-latent
+    dataset's, else 0 = clean) and the secret noise seed (None: a fresh one for a new cache)."""
+
+    cache_dir: Path
+    ambient_timestep: int | None = None
+    noise_seed: str | None = None
+
+
+def prepare_cache(source: DataSource, config: DataConfig, settings: CacheSettings, components, accelerator=None) -> LatentCache:
     """The trainer's one call: a noisy-latent dataset given as --train_data_dir as is, or the
-    cache in ``cache_dir`` built, completed or reused on the main process. Images without a stated
-    noise level (``ambient_timestep`` None) are clean: t_n = 0, an ordinary fine-tune. The
-    training t_n is the returned cache's ``ambient_timestep``."""
+    cache in ``settings.cache_dir`` built, completed or reused on the main process. The training
+    t_n is the returned cache's ``ambient_timestep``."""
     if source.train_data_dir and is_latent_dataset(source.train_data_dir):
-        return adopt_latent_dataset(source.train_data_dir, components, ambient_timestep)
-    t_n = 0 if ambient_timestep is None else ambient_timestep
+        return adopt_latent_dataset(source.train_data_dir, components, settings.ambient_timestep)
+    t_n = 0 if settings.ambient_timestep is None else settings.ambient_timestep
     device = accelerator.device if accelerator is not None else None
 
     def build():
         images = load_training_images(source, config)
-        build_cache(cache_dir, images, components, t_n, noise_seed=noise_seed, device=device)
+        build_cache(settings.cache_dir, images, components, t_n, noise_seed=settings.noise_seed, device=device)
 
     if accelerator is None:
         build()
@@ -561,4 +571,4 @@ def prepare_cache(source: DataSource, config: DataConfig, cache_dir, components,
         with accelerator.main_process_first():
             if accelerator.is_main_process:
                 build()
-    return LatentCache(cache_dir, verify=False)
+    return LatentCache(settings.cache_dir, verify=False)

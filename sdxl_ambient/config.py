@@ -19,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from sdxl_ambient.cache import CacheSettings
 from sdxl_ambient.data import DataConfig, DataSource
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.files import LATENT_CACHE_DIR
 from sdxl_ambient.models import DTYPES
 from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN
 from sdxl_ambient.step import ObjectiveSettings
@@ -317,6 +319,11 @@ def data_config(args) -> DataConfig:
                       max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps)
 
 
+def cache_settings(args) -> CacheSettings:
+    return CacheSettings(cache_dir=Path(args.cache_dir or Path(args.output_dir) / LATENT_CACHE_DIR),
+                         ambient_timestep=args.ambient_timestep, noise_seed=args.noise_seed)
+
+
 def objective_settings(args) -> ObjectiveSettings:
     return ObjectiveSettings(weighting=args.loss_weighting, weight_cap=args.loss_weight_cap,
                              consistency_weight=args.consistency_weight, consistency_steps=args.consistency_steps,
@@ -340,6 +347,7 @@ class TrainConfig:
     flags: argparse.Namespace
     source: DataSource
     data: DataConfig
+    cache: CacheSettings
     objective: ObjectiveSettings
     validation: ValidationSettings | None
 
@@ -350,5 +358,5 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     objective = objective_settings(args)
     if args.ambient_timestep is not None:
         objective.check_timestep(args.ambient_timestep)
-    return TrainConfig(flags=args, source=data_source(args), data=data_config(args), objective=objective,
-                       validation=validation_settings(args))
+    return TrainConfig(flags=args, source=data_source(args), data=data_config(args), cache=cache_settings(args),
+                       objective=objective, validation=validation_settings(args))

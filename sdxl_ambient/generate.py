@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.files import METADATA_FILES
 from sdxl_ambient.images import image_grid
 from sdxl_ambient.pipelines import load_pipeline
 from sdxl_ambient.sampling import generate_images
@@ -38,7 +39,7 @@ def write_images(output_dir: Path, images: list, captions: list[str]) -> list[st
     for name, image in zip(names, images):
         image.save(output_dir / name)
     image_grid(images, cols=min(len(images), max(1, math.ceil(math.sqrt(len(images)))))).save(output_dir / "grid.png")
-    with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
+    with open(output_dir / METADATA_FILES[0], "w", encoding="utf-8") as f:
         for name, caption in zip(names, captions):
             f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return names

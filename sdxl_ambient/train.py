@@ -22,7 +22,7 @@ import torch
 from sdxl_ambient import checkpointing
 from sdxl_ambient.config import TrainConfig, load_train_config
 from sdxl_ambient.errors import UserError, exit_code_of
-from sdxl_ambient.files import LATENT_CACHE_DIR, LORA_WEIGHT_NAME, MODEL_CARD, MODEL_INDEX, SETTINGS_FILE
+from sdxl_ambient.files import LORA_WEIGHT_NAME, MODEL_CARD, MODEL_INDEX, SETTINGS_FILE
 from sdxl_ambient.step import AmbientObjective, conditioned_unet
 from sdxl_ambient.text import text_embeddings
 
@@ -289,9 +289,7 @@ def setup(cfg: TrainConfig) -> Run:
     if flags.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=flags.prediction_type)
     place_frozen(flags, components, accelerator.device, weight_dtype)
-    cache_dir = Path(flags.cache_dir or Path(flags.output_dir) / LATENT_CACHE_DIR)
-    cache = prepare_cache(cfg.source, cfg.data, cache_dir, components, ambient_timestep=flags.ambient_timestep,
-                          noise_seed=flags.noise_seed, accelerator=accelerator)
+    cache = prepare_cache(cfg.source, cfg.data, cfg.cache, components, accelerator)
     objective = cfg.objective.build(cache.ambient_timestep, components.noise_scheduler, accelerator.device)
     val_prompts = validation.encode_prompts(components, cfg.validation) if cfg.validation else None
     if not flags.train_text_encoder:  # the cache holds the embeddings: free the device

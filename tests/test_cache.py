@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdxl_ambient import cache as cache_mod
-from sdxl_ambient.cache import BucketBatchSampler, LatentCache, build_cache, prepare_cache
+from sdxl_ambient.cache import BucketBatchSampler, CacheSettings, LatentCache, build_cache, prepare_cache
 from sdxl_ambient.data import DataConfig, DataSource, load_training_images, prepare_example
 from sdxl_ambient.objectives import add_noise
 
@@ -275,16 +275,16 @@ def test_corrupt_command_writes_a_dataset_prepare_cache_adopts(noise_folder, tmp
     assert corrupt(tiny_pipeline_dir, noise_folder, out, "--noise_seed", "7") == 0
     assert "t_n = 400" in capsys.readouterr().out
     source, unused = DataSource(train_data_dir=str(out)), tmp_path / "unused_cache"
-    dataset = prepare_cache(source, data_config(), unused, components, ambient_timestep=None)
+    dataset = prepare_cache(source, data_config(), CacheSettings(unused), components)
     assert dataset.ambient_timestep == 400 and len(dataset) == len(SIZES)
     assert not unused.exists()
     assert {tuple(s) for s in dataset.latent_shapes()} == {(8, 8)}
     with pytest.raises(ValueError, match="--ambient_timestep 300"):
-        prepare_cache(source, data_config(), unused, components, ambient_timestep=300)
+        prepare_cache(source, data_config(), CacheSettings(unused, ambient_timestep=300), components)
     other = types.SimpleNamespace(**{**vars(components), "vae": types.SimpleNamespace(config=types.SimpleNamespace(
         latent_channels=16, scaling_factor=components.vae.config.scaling_factor))})
     with pytest.raises(ValueError, match="latent_channels"):
-        prepare_cache(source, data_config(), unused, other, ambient_timestep=None)
+        prepare_cache(source, data_config(), CacheSettings(unused), other)
 
 
 def test_corrupt_keeps_its_default_noise_seed_secret(noise_folder, tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
@@ -329,7 +329,7 @@ def test_an_interrupted_corrupt_is_completed_by_the_same_command(noise_folder, t
     assert secret.stat().st_mode & 0o777 == 0o600 and "c0ffee00" in secret.read_text()
     first = (out / "shard-00000.safetensors").read_bytes()
     with pytest.raises(ValueError, match="incomplete"):
-        prepare_cache(DataSource(train_data_dir=str(out)), data_config(), tmp_path / "c", components, ambient_timestep=None)
+        prepare_cache(DataSource(train_data_dir=str(out)), data_config(), CacheSettings(tmp_path / "c"), components)
     monkeypatch.setattr(secrets, "token_hex", lambda n: "0dd" * n)  # a rerun must not draw a new seed
     assert corrupt(tiny_pipeline_dir, noise_folder, out, "--shard_size", "3") == 0
     assert (out / "shard-00000.safetensors").read_bytes() == first
@@ -388,8 +388,7 @@ def test_prepare_cache_builds_on_the_main_process_only(noise_folder, tmp_path, c
     source, cache_dir = DataSource(train_data_dir=str(noise_folder)), tmp_path / "out" / "latent_cache"
 
     def prepare(accelerator):
-        return prepare_cache(source, data_config(), cache_dir, components, ambient_timestep=T_N, noise_seed=NOISE_SEED,
-                             accelerator=accelerator)
+        return prepare_cache(source, data_config(), CacheSettings(cache_dir, T_N, NOISE_SEED), components, accelerator)
 
     dataset = prepare(FakeAccelerator(True, log))
     assert dataset.cache_dir == cache_dir and len(dataset) == len(SIZES)

@@ -10,8 +10,8 @@ from helpers import ROOT
 # Lowest first. A module may import modules of lower layers only; commands may also use each
 # other's functions (the demo runs the trainer and the memorisation report).
 LAYERS = [
-    {"errors", "files", "durable", "text", "lora_formats", "tiny"},
-    {"objectives", "images"},
+    {"errors", "files", "durable", "text", "lora_formats"},
+    {"objectives", "images", "tiny"},
     {"step", "data", "sampling", "models", "checkpointing", "hub", "validation", "evaluation.features",
      "evaluation.report"},
     {"cache", "pipelines", "toy"},
