@@ -3,6 +3,8 @@
 import contextlib
 import hashlib
 import json
+import os
+import sys
 import types
 from pathlib import Path
 
@@ -406,3 +408,92 @@ def test_sampler_pads_epochs_to_whole_optimizer_steps_on_every_process():
     assert {i for b in per_rank for batch in b for i in batch} == set(range(6))
     single = BucketBatchSampler(shapes, 2, seed=0, accumulation=2)
     assert len(single) == 4 and len(list(single)) == 4
+
+
+# ----------------------------------------------------------------------------- a complete cache is only read
+
+
+_WATCHED: list[str] = []
+_WRITES: list[tuple[str, str]] = []
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_PATH_EVENTS = {"os.rename": 2, "os.link": 2, "os.symlink": 2, "os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1,
+                "os.chown": 1, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1, "shutil.copyfile": 2, "shutil.move": 2}
+
+
+def _audit(event, args):
+    """Every attempt to open for writing, create, rename, remove or change a file under a watched folder."""
+    if not _WATCHED:
+        return
+    if event == "open":
+        path, mode, flags = args
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & _WRITE_FLAGS)
+        paths = [path] if writes else []
+    elif event in _PATH_EVENTS:
+        paths = list(args[:_PATH_EVENTS[event]])
+    else:
+        return
+    for path in paths:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            full = os.path.abspath(os.fsdecode(path))
+            if any(full == w or full.startswith(w + os.sep) for w in _WATCHED):
+                _WRITES.append((event, full))
+
+
+sys.addaudithook(_audit)  # an audit hook stays for the life of the process; it acts only while a folder is watched
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """The folder and its files made read-only (chmod; which does not bind root, as the tests may run) and
+    every write attempt under it recorded (Python's audit events: binds root as well); modes restored after."""
+    paths = [folder, *folder.rglob("*")]
+    modes = {p: p.stat().st_mode & 0o777 for p in paths}
+    for p in paths:
+        p.chmod(0o555 if p.is_dir() else modes[p] & 0o444)
+    _WRITES.clear()
+    _WATCHED.append(os.path.abspath(folder))
+    try:
+        yield _WRITES
+    finally:
+        _WATCHED.clear()
+        for p in reversed(paths):
+            p.chmod(modes[p])
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["secret_seed", "given_seed", "corrupt_output"])
+def test_a_complete_cache_on_a_read_only_folder_trains(case, tmp_path, tiny_pipeline_dir, noise_folder, caplog):
+    """Reading a complete latent cache (a --cache_dir with its own secret seed or a given one, or a `corrupt` output
+    as --train_data_dir) needs no write access: a second run on the folder made read-only trains, writes nothing
+    there, and gets the weights of the first run (the same cache was read)."""
+    import logging
+
+    from helpers.training import lora_weights, run_inprocess, tiny_args
+
+    seed = "0" if case == "given_seed" else None
+    if case == "corrupt_output":
+        folder = tmp_path / "noisy"
+        assert corrupt(tiny_pipeline_dir, noise_folder, folder) == 0
+        data, extra = folder, []
+    else:
+        folder = tmp_path / "cache"
+        data, extra = noise_folder, ["--cache_dir", folder]
+
+    def train(out):
+        args = tiny_args(tiny_pipeline_dir, data, out, *extra, steps=2, noise_seed=seed)
+        if case == "corrupt_output":  # t_n is the dataset's
+            del args[args.index("--ambient_timestep"):args.index("--ambient_timestep") + 2]
+        assert run_inprocess(args) == 0
+
+    train(tmp_path / "first")
+    before = _snapshot(folder)
+    with read_only(folder) as writes, caplog.at_level(logging.INFO, logger="sdxl_ambient"):
+        train(tmp_path / "second")
+    assert writes == [] and _snapshot(folder) == before
+    assert "encoding" not in caplog.text
+    first, second = lora_weights(tmp_path / "first"), lora_weights(tmp_path / "second")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
