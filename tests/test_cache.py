@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -217,6 +218,25 @@ def test_a_damaged_finished_cache_without_its_noise_seed_is_refused(noise_folder
         build(noise_folder, components, cache_dir, noise_seed=None)
 
 
+def _other_parts(components, change: str):
+    """The components with one part replaced: another model or VAE by name, a VAE of another latent scaling, text
+    encoders of another width, another noise schedule."""
+    from diffusers import DDPMScheduler
+
+    def config(part, **changed):
+        return types.SimpleNamespace(**{**dict(part.config.to_dict() if hasattr(part.config, "to_dict") else part.config),
+                                        **changed})
+
+    parts = {
+        "model": dict(model_id="stabilityai/stable-diffusion-xl-base-1.0"),
+        "vae": dict(vae_id="madebyollin/sdxl-vae-fp16-fix"),
+        "vae_scaling": dict(vae=types.SimpleNamespace(config=config(components.vae, scaling_factor=0.18215))),
+        "text_encoder": dict(text_encoder=types.SimpleNamespace(config=config(components.text_encoder, hidden_size=48))),
+        "schedule": dict(noise_scheduler=DDPMScheduler.from_config({**components.noise_scheduler.config, "beta_end": 0.02})),
+    }[change]
+    return types.SimpleNamespace(**{**vars(components), **parts})
+
+
 @pytest.mark.parametrize("change, named", [
     (dict(ambient_timestep=300), "ambient_timestep"),
     (dict(resolution=48, min_bucket_reso=16), "resolution"),
@@ -224,18 +244,26 @@ def test_a_damaged_finished_cache_without_its_noise_seed_is_refused(noise_folder
     (dict(center_crop=True), "center_crop"),
     ("edit_image", "img4.png"),
     ("edit_caption", "caption"),
+    ("model", "model_id: cache has 'pipeline', now 'stabilityai/stable-diffusion-xl-base-1.0'"),
+    ("vae", "vae_id: cache has None, now 'madebyollin/sdxl-vae-fp16-fix'"),
+    ("vae_scaling", "'scaling_factor': 0.18215"),
+    ("text_encoder", "'prompt_embeds_dim': 80"),
+    ("schedule", "'beta_end': 0.02"),
 ])
-def test_cache_with_other_settings_or_data_is_refused(noise_folder, tmp_path, components, change, named):
+def test_cache_with_other_settings_or_data_is_refused(noise_folder, tmp_path, components, change, named, monkeypatch):
     build(noise_folder, components, tmp_path / "c")
     overrides = change if isinstance(change, dict) else {}
+    now = _other_parts(components, change) if change in ("model", "vae", "vae_scaling", "text_encoder", "schedule") \
+        else components
     if change == "edit_image":
         Image.new("RGB", SIZES[4][::-1], (1, 2, 3)).save(noise_folder / "img4.png")
     elif change == "edit_caption":
         rows = [json.loads(line) for line in (noise_folder / "metadata.jsonl").read_text().splitlines()]
         rows[1]["text"] = "another caption"
         (noise_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(ValueError, match=f"(?s){named}.*another --cache_dir"):
-        build(noise_folder, components, tmp_path / "c", **overrides)
+    monkeypatch.setattr(cache_mod, "encode_shard", lambda *a, **k: pytest.fail("encoded instead of refused"))
+    with pytest.raises(ValueError, match=f"(?s){re.escape(named)}.*another --cache_dir"):
+        build(noise_folder, now, tmp_path / "c", **overrides)
 
 
 def test_nonfinite_latents_name_the_files_and_suggest_the_fix(noise_folder, tmp_path, components, monkeypatch):
