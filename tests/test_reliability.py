@@ -195,6 +195,48 @@ def test_a_kill_while_old_checkpoints_are_deleted_leaves_no_partial_checkpoint(m
     assert all((p / LORA_FILE).is_file() for p in complete)
 
 
+@pytest.mark.parametrize("moment", ["deleting the old copy", "renaming the new copy in"])
+def test_a_kill_while_a_checkpoint_is_resaved_leaves_no_partial_checkpoint(moment, monkeypatch, tmp_path):
+    """A second save of the same step (a stop right after a checkpoint) replaces checkpoint-N. A kill while the old
+    copy is deleted, or before the new one is renamed in, leaves every `checkpoint-N` complete (the old copy, or
+    none and `latest` the one before), and the next save completes it."""
+    generator = torch.Generator()
+    for step in (2, 4):
+        checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, step, {"global_step": step}, generator)
+    real_rmtree, real_replace = shutil.rmtree, os.replace
+
+    def killed_while_deleting(path, ignore_errors=False):
+        if (Path(path) / "optimizer.bin").is_file():  # a saved checkpoint being deleted: die half-way
+            (Path(path) / "optimizer.bin").unlink()
+            raise KeyboardInterrupt("killed")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    def killed_before_renaming(src, dst):
+        if Path(dst).name == "checkpoint-4":
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    if moment == "deleting the old copy":
+        monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_while_deleting)
+    else:
+        monkeypatch.setattr(checkpointing.os, "replace", killed_before_renaming)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, 4, {"global_step": 4, "saved": "again"}, generator)
+    monkeypatch.undo()
+
+    def complete(folder: Path) -> bool:
+        return (folder / "optimizer.bin").read_bytes() == b"state" and (folder / "rng-0.safetensors").is_file() \
+            and json.loads((folder / checkpointing.STATE_FILE).read_text())["global_step"] == _step(folder)
+
+    left = checkpointing.list_checkpoints(tmp_path)
+    assert left and all(complete(p) for p in left), [sorted(q.name for q in p.iterdir()) for p in left]
+    assert checkpointing.resolve_checkpoint("latest", tmp_path) == left[-1]
+    checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, 4, {"global_step": 4, "saved": "again"}, generator)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((tmp_path / "checkpoint-4" / checkpointing.STATE_FILE).read_text())["saved"] == "again"
+    assert complete(tmp_path / "checkpoint-4") and not list(tmp_path.glob(".tmp-*"))
+
+
 # ----------------------------------------------------------------------------- non-finite losses
 
 
