@@ -13,6 +13,7 @@ from helpers.diffusion import reference_ddim
 from sdxl_ambient.cli import main
 from sdxl_ambient.data import read_metadata
 from sdxl_ambient.evaluation import memorization as mem
+from sdxl_ambient.evaluation import quality
 from sdxl_ambient.evaluation.features import ClipImageEmbedder, DinoV2Embedder
 from sdxl_ambient.evaluation.quality import EmbedderFeatures, fid_kid
 from sdxl_ambient.images import load_images
@@ -212,21 +213,51 @@ def test_fid_is_zero_for_identical_sets_and_positive_otherwise(dino_dir, image_f
     assert other["fid"] > 1e-2 and other["kid_subset_size"] == 4 and other["kid_mean"] > same["kid_mean"]
 
 
-def test_quality_command_with_clip_score(tiny_pipeline_dir, dino_dir, clip_dir, image_folder, tmp_path, capsys):
+def test_quality_command_with_clip_score(tiny_pipeline_dir, dino_dir, clip_dir, image_folder, tmp_path, capsys, monkeypatch):
     gen = tmp_path / "gen"
     assert main(["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "a cat", "--prompt", "a dog",
                  "--num_images_per_prompt", "2", "--resolution", "64", "--num_inference_steps", "3", "--output_dir", str(gen)]) == 0
     out = tmp_path / "q"
+    scored, real_clip_score = [], quality.clip_score
+    monkeypatch.setattr(quality, "clip_score", lambda images, captions, clip: scored.append((images, captions)) or
+                        real_clip_score(images, captions, clip))
     assert main(["quality", "--generated", str(gen), "--reference", str(image_folder), "--embedder", str(dino_dir),
                  "--clip_model", str(clip_dir), "--kid_subsets", "3", "--device", "cpu", "--output_dir", str(out)]) == 0
     results = json.loads((out / "quality.json").read_text())["results"]
     assert results["num_generated"] == 4 and results["num_reference"] == 8  # grid.png is not counted
-    assert results["fid"] > 0 and 0 <= results["clip_score"] <= 100
+    assert results["fid"] > 0
     assert f"{results['fid']:.4f}" in (out / "quality.md").read_text()
+    # the CLIP score pairs each generated image (in file order) with its own caption from generate's metadata.jsonl
+    (call,) = scored
+    assert call[1] == ["a cat", "a cat", "a dog", "a dog"]
+    images = load_images([gen / f"0000{i}.png" for i in range(4)])
+    assert [np.asarray(a).tolist() for a in call[0]] == [np.asarray(b).tolist() for b in images]
     clip = ClipImageEmbedder(clip_dir, device="cpu")
-    assert clip(load_images([gen / "00000.png"])).shape == (1, 16)
+    assert results["clip_score"] == pytest.approx(quality.clip_score(images, call[1], clip)["clip_score"], abs=1e-6)
+    assert clip(images[:1]).shape == (1, 16)
     assert_one_line_error(capsys, main(["quality", "--generated", str(gen), "--reference", str(tmp_path / "none"),
                                         "--embedder", str(dino_dir), "--output_dir", str(out)]), "--reference", "no such folder")
+
+
+def test_clip_score_is_100_times_each_images_clamped_cosine_with_its_own_caption():
+    """With embeddings whose cosines are known (0.5, -0.17, 0.91, 0.10): the mean of 100 max(cos, 0), pairs in order."""
+    angle = torch.tensor([0.0, 30.0, 45.0, 90.0]).deg2rad()
+    text_angle = angle + torch.tensor([60.0, 100.0, 25.0, 84.0]).deg2rad()
+
+    class KnownClip:
+        def __call__(self, images):
+            return torch.stack([angle.cos(), angle.sin()], -1)[images]
+
+        def embed_text(self, captions):
+            return 3 * torch.stack([text_angle.cos(), text_angle.sin()], -1)[[int(c) for c in captions]]  # any norm
+
+    per_image = 100 * torch.tensor([60.0, 100.0, 25.0, 84.0]).deg2rad().cos().clamp(min=0)
+    result = quality.clip_score([0, 1, 2, 3], ["0", "1", "2", "3"], KnownClip())
+    assert result["clip_score"] == pytest.approx(float(per_image.mean()), rel=1e-5)
+    assert result["clip_score_std"] == pytest.approx(float(per_image.std()), rel=1e-5)
+    assert quality.clip_score([0, 1, 2, 3], ["3", "2", "1", "0"], KnownClip())["clip_score"] != pytest.approx(result["clip_score"])
+    with pytest.raises(ValueError, match="3 captions"):
+        quality.clip_score([0, 1, 2, 3], ["0", "1", "2"], KnownClip())
 
 
 # ----------------------------------------------------------------------------- embedders of the expected family only
