@@ -238,19 +238,29 @@ def build_workdir(workdir: Path, config_path, bpe_arg, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------- measuring a subprocess
 
 
-def _tree_rss(root_pid: int) -> int:
-    """Resident bytes of ``root_pid`` and all its descendants (from /proc)."""
-    parents, rss = {}, {}
+def _status_bytes(pid: int, keys=("RssAnon", "RssShmem")) -> int:
+    """Bytes of the given /proc/PID/status fields (kB); anonymous + shared memory is what a process
+    holds in RAM, while its file-backed pages (RssFile: mapped safetensors files) can be dropped and
+    read again."""
+    total = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in keys:
+                total += int(value.split()[0]) * 1024
+    return total
+
+
+def _tree_memory(root_pid: int) -> tuple[int, int]:
+    """(resident bytes, anonymous + shared bytes) of ``root_pid`` and all its descendants (from /proc)."""
+    parents = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
     tree, frontier = {root_pid}, [root_pid]
     while frontier:
         pid = frontier.pop()
@@ -258,14 +268,22 @@ def _tree_rss(root_pid: int) -> int:
             if parent == pid and child not in tree:
                 tree.add(child)
                 frontier.append(child)
-    return sum(rss.get(pid, 0) for pid in tree)
+    rss = anon = 0
+    for pid in tree:
+        try:
+            rss += _status_bytes(pid, ("VmRSS",))
+            anon += _status_bytes(pid)
+        except (OSError, ValueError):
+            continue
+    return rss, anon
 
 
 def run_measured(name: str, cmd: list[str], log_path: Path, env: dict, max_rss_gib: float, timeout_s: float) -> dict:
     """Run ``cmd`` (output to ``log_path``) and measure it: wall time, peak RSS of its largest process
-    (wait4's ru_maxrss covers the process and the descendants it waited for), peak RSS of the whole
-    tree (sampled every 0.5 s) and the load average. The tree is stopped past ``max_rss_gib`` or
-    ``timeout_s``."""
+    (wait4's ru_maxrss covers the process and the descendants it waited for), peak RSS and peak
+    anonymous memory of the whole tree (sampled every 0.5 s) and the load average. The tree is
+    stopped when its anonymous memory passes ``max_rss_gib`` (mapped weight files are not counted
+    there: the kernel can drop those pages) or after ``timeout_s``."""
     load_before = os.getloadavg()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -273,17 +291,18 @@ def run_measured(name: str, cmd: list[str], log_path: Path, env: dict, max_rss_g
         log.flush()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-        state = {"peak_tree": 0, "killed": None, "loads": []}
+        state = {"peak_tree": 0, "peak_anon": 0, "killed": None, "loads": []}
         done = threading.Event()
 
         def watch():
             while not done.wait(0.5):
-                state["peak_tree"] = max(state["peak_tree"], _tree_rss(proc.pid))
+                rss, anon = _tree_memory(proc.pid)
+                state["peak_tree"], state["peak_anon"] = max(state["peak_tree"], rss), max(state["peak_anon"], anon)
                 state["loads"].append(os.getloadavg()[0])
-                over_rss = state["peak_tree"] > max_rss_gib * GIB
+                over_rss = anon > max_rss_gib * GIB
                 over_time = time.perf_counter() - start > timeout_s
                 if (over_rss or over_time) and state["killed"] is None:
-                    state["killed"] = f"RSS over {max_rss_gib} GiB" if over_rss else f"over {timeout_s:.0f} s"
+                    state["killed"] = f"anonymous memory over {max_rss_gib} GiB" if over_rss else f"over {timeout_s:.0f} s"
                     os.killpg(proc.pid, signal.SIGKILL)
 
         watcher = threading.Thread(target=watch, daemon=True)
@@ -297,7 +316,7 @@ def run_measured(name: str, cmd: list[str], log_path: Path, env: dict, max_rss_g
     return {
         "phase": name, "returncode": proc.returncode, "wall_s": round(wall, 1),
         "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),
-        "peak_tree_rss_gib": round(state["peak_tree"] / GIB, 2),
+        "peak_tree_rss_gib": round(state["peak_tree"] / GIB, 2), "peak_tree_anon_gib": round(state["peak_anon"] / GIB, 2),
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
         "load_mean_1min": round(sum(loads) / len(loads), 2), "stopped": state["killed"], "log": str(log_path),
     }
@@ -479,16 +498,16 @@ def step_rate(log_path: str) -> str | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| phase | what | wall (s) | peak RSS, largest process (GiB) | peak RSS, process tree (GiB) | trainer rate | "
-             "load 1-min (before / mean / after) | result |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines = ["| phase | what | wall (s) | peak RSS, largest process (GiB) | peak RSS, process tree (GiB) | "
+             "peak anonymous, process tree (GiB) | trainer rate | load 1-min (before / mean / after) | result |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['phase']} | {r['what']} | | | | | | skipped: {r['skipped']} |")
+            lines.append(f"| {r['phase']} | {r['what']} | | | | | | | skipped: {r['skipped']} |")
             continue
         result = "ok" if r["returncode"] == 0 else f"FAILED rc={r['returncode']}" + (f" ({r['stopped']})" if r["stopped"] else "")
         lines.append(f"| {r['phase']} | {r['what']} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['peak_tree_rss_gib']:.2f} | "
-                     f"{r.get('rate') or ''} | {r['load_before'][0]:.2f} / {r['load_mean_1min']:.2f} / {r['load_after'][0]:.2f} | "
+                     f"{r['peak_tree_anon_gib']:.2f} | {r.get('rate') or ''} | {r['load_before'][0]:.2f} / {r['load_mean_1min']:.2f} / {r['load_after'][0]:.2f} | "
                      f"{result} |")
     return "\n".join(lines)
 
@@ -507,7 +526,7 @@ def run_all(args, argv: list[str]) -> int:
             print(f"[{row['phase']}] skipped: {row['skipped']}", flush=True)
         else:
             print(f"[{row['phase']}] rc={row['returncode']} wall {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gib']:.2f} GiB "
-                  f"(tree {row['peak_tree_rss_gib']:.2f}), load {row['load_before'][0]:.2f} -> {row['load_after'][0]:.2f}"
+                  f"(tree {row['peak_tree_rss_gib']:.2f}, anonymous {row['peak_tree_anon_gib']:.2f}), load {row['load_before'][0]:.2f} -> {row['load_after'][0]:.2f}"
                   + (f", {row['rate']}" if row.get("rate") else "") + (f", STOPPED: {row['stopped']}" if row["stopped"] else ""),
                   flush=True)
 
@@ -560,7 +579,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--steps_512", type=int, default=3, help="LoRA steps of train-512")
     run.add_argument("--steps_other", type=int, default=2, help="steps of train-te and train-cons")
     run.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    run.add_argument("--max_rss_gib", type=float, default=14.0, help="stop a phase whose process tree grows past this")
+    run.add_argument("--max_rss_gib", type=float, default=14.0,
+                     help="stop a phase whose process tree holds more anonymous memory than this (GiB)")
     run.add_argument("--phase_timeout_s", type=float, default=3600.0)
     check = sub.add_parser("check-lora", help="load a run's two LoRA files with load_lora_weights and compare them")
     check.add_argument("--pipeline", required=True)
