@@ -228,3 +228,21 @@ def test_load_components_in_the_training_precision(tiny_pipeline_dir):
     assert default.unet.dtype == default.text_encoder_2.dtype == torch.float32
     encoders = models.load_components(str(tiny_pipeline_dir), load_unet=False)
     assert encoders.unet is None and not any(p.requires_grad for p in encoders.vae.parameters())
+
+
+def test_memory_estimate_counts_activations_not_weights():
+    """The meta-device trace behind BENCHMARKS.md's memory plan: frozen weights are not activations, the
+    attention is flash-like (activations grow with the pixel count, not its square), checkpointing keeps
+    a small part, and the LoRA is 5.8 M parameters."""
+    spec = importlib.util.spec_from_file_location("memory_estimate", BENCHMARKS / "memory_estimate.py")
+    estimate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(estimate)
+    config = str(BENCHMARKS / "sdxl_base_config.json")
+    unet = estimate.lora_unet(config, rank=4)
+    small, large = (estimate.estimate(config, r, 1, 4, unet=unet) for r in (256, 512))
+    assert small["lora_parameters"] == 5_806_080 and small["unet_parameters"] == 2_567_463_684
+    a_small, a_large = small["activations_bytes"], large["activations_bytes"]
+    assert 3.6 < a_large["bf16"]["no_checkpointing"] / a_small["bf16"]["no_checkpointing"] < 4.1
+    assert a_large["bf16"]["no_checkpointing"] < a_large["autocast"]["no_checkpointing"]
+    assert a_large["autocast"]["checkpointing"] < a_large["autocast"]["no_checkpointing"] / 5
+    assert a_large["bf16"]["no_checkpointing"] < 2**31  # 1.4 GiB at 512 px: no weights, no T x T matrices
