@@ -57,9 +57,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 GIB = 2**30
 # Images the benchmark trains on: (height, width), one per SDXL aspect-ratio bucket family.
-IMAGE_SIZES = ((1024, 1024), (768, 1344), (1152, 896))
+IMAGE_SIZES = ((1024, 1024), (768, 1344), (1152, 896), (1024, 1024))
 CAPTIONS = ("an astronaut in a white suit with a flag", "a red motorcycle parked on a street",
-            "a rocket on its launch pad at dusk")
+            "a rocket on its launch pad at dusk", "a cup of coffee on a saucer")
+NUM_IMAGES = 3
 PHASES = ("corrupt", "train-512", "train-1024", "train-te", "train-cons", "train-full", "lora-load", "generate",
           "memorization")
 
@@ -177,7 +178,7 @@ def build_components(config: dict, seed: int = 0, dtype=None, device="cpu") -> d
             "text_encoder_2": text_encoder_2.eval(), "scheduler": EulerDiscreteScheduler(**config["scheduler"])}
 
 
-def build_pipeline(out_dir: str | os.PathLike, config: dict, bpe: Path | None, seed: int = 0) -> dict:
+def build_pipeline(out_dir: str | os.PathLike, config: dict, bpe: Path | None, seed: int = 0, device: str = "cpu") -> dict:
     """Save the random real-size pipeline as a diffusers folder (safetensors); returns what was built."""
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -189,7 +190,7 @@ def build_pipeline(out_dir: str | os.PathLike, config: dict, bpe: Path | None, s
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tok_dir / "tokenizer", vocab, merges), model_max_length=77)
     tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tok_dir / "tokenizer_2", vocab, merges, pad_token="!"),
                                                 model_max_length=77)
-    parts = build_components(config, seed)
+    parts = build_components(config, seed, device=device)
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items() if name != "scheduler"}
     pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -201,14 +202,14 @@ def build_pipeline(out_dir: str | os.PathLike, config: dict, bpe: Path | None, s
     return info
 
 
-def write_images(folder: str | os.PathLike, sizes=IMAGE_SIZES, captions=CAPTIONS) -> Path:
+def write_images(folder: str | os.PathLike, sizes=IMAGE_SIZES[:NUM_IMAGES], captions=CAPTIONS) -> Path:
     """The bundled demo photographs, resized to SDXL sizes, with a metadata.jsonl of captions."""
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     demo = ROOT / "sdxl_ambient" / "assets" / "demo_images"
-    sources = [demo / n for n in ("astronaut.jpg", "motorcycle_left.jpg", "rocket.jpg")]
+    sources = [demo / n for n in ("astronaut.jpg", "motorcycle_left.jpg", "rocket.jpg", "coffee.jpg")]
     rows = []
     for i, ((h, w), caption) in enumerate(zip(sizes, captions)):
         with Image.open(sources[i % len(sources)]) as im:
@@ -219,8 +220,9 @@ def write_images(folder: str | os.PathLike, sizes=IMAGE_SIZES, captions=CAPTIONS
     return folder
 
 
-def build_workdir(workdir: Path, config_path, bpe_arg, seed: int = 0) -> dict:
-    """pipeline/, images/, dinov2/ (the tiny random embedder memorization reads) in ``workdir``."""
+def build_workdir(workdir: Path, config_path, bpe_arg, seed: int = 0, device: str = "cpu", num_images: int = NUM_IMAGES) -> dict:
+    """pipeline/, images/, dinov2/ (the tiny random embedder memorization reads) in ``workdir``; the
+    random weights are drawn on ``device`` (a GPU draws them in seconds)."""
     from sdxl_ambient.tiny import save_tiny_dinov2
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -229,8 +231,8 @@ def build_workdir(workdir: Path, config_path, bpe_arg, seed: int = 0) -> dict:
     if (pipeline / "real_size_build.json").is_file():
         info = json.loads((pipeline / "real_size_build.json").read_text())
     else:
-        info = build_pipeline(pipeline, load_config(config_path), bpe, seed)
-    write_images(workdir / "images")
+        info = build_pipeline(pipeline, load_config(config_path), bpe, seed, device)
+    write_images(workdir / "images", IMAGE_SIZES[:num_images])
     save_tiny_dinov2(workdir / "dinov2")
     return info
 
@@ -380,7 +382,7 @@ def plan(work: Path, args, unet_parameters: int) -> list[tuple[str, str, list[st
         f"Adam moments {full['adam_moments_fp32']} + activations ~{full['activations']}), over the "
         f"{min(available, args.max_rss_gib):.1f} GiB allowed here")
     return [
-        ("corrupt", f"sdxl-ambient corrupt, {len(IMAGE_SIZES)} images, 1024 px buckets, t_n=100",
+        ("corrupt", f"sdxl-ambient corrupt, {NUM_IMAGES} images, 1024 px buckets, t_n=100",
          cli("corrupt", "--pretrained_model_name_or_path", work / "pipeline", "--train_data_dir", images,
              "--output_dir", corrupted, "--ambient_timestep", 100, "--resolution", 1024, "--enable_bucket",
              "--seed", 0, "--device", "cpu"), None),
@@ -575,6 +577,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         q.add_argument("--config", default=str(DEFAULT_CONFIG), help="SDXL-base component configs (JSON)")
         q.add_argument("--bpe", default=None, help=f"open_clip's {BPE_NAME} or the open_clip_torch wheel holding it")
         q.add_argument("--seed", type=int, default=0)
+    build.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda: seconds)")
+    build.add_argument("--num_images", type=int, default=NUM_IMAGES, choices=range(1, len(IMAGE_SIZES) + 1))
     run.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     run.add_argument("--steps_512", type=int, default=3, help="LoRA steps of train-512")
     run.add_argument("--steps_other", type=int, default=2, help="steps of train-te and train-cons")
@@ -593,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "build":
-        info = build_workdir(Path(args.workdir), args.config, args.bpe, args.seed)
+        info = build_workdir(Path(args.workdir), args.config, args.bpe, args.seed, args.device, args.num_images)
         print(json.dumps(info, indent=2))
         return 0
     if args.command == "check-lora":
