@@ -6,7 +6,9 @@
 Parts, in order, each a subprocess with its log in ``$OUT`` and a time limit taken from what is left
 of ``--budget_s``:
 
-    build            the random real-size SDXL-base folder (benchmarks/real_size.py build) and 4 images
+    build            the random real-size SDXL-base folder (benchmarks/real_size.py build) and 4 images;
+                     the real CLIP vocabulary when .whl/bpe/open_clip_torch-*.whl was carried, else the
+                     synthetic one of the same size
     train-ckpt       accelerate launch train_sdxl_ambient.py: LoRA r4, bf16, 1024 px, batch 1, cached
                      latents and embeddings, --gradient_checkpointing, 20 steps; peak CUDA memory and the
                      median step time (benchmarks/peak_memory.py), host syncs counted after step 3
@@ -54,7 +56,7 @@ def run_part(name: str, cmd: list[str], out: Path, env: dict, limit_s: float) ->
         f.flush()
         try:
             rc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                timeout=max(1.0, limit_s)).returncode
+                                timeout=max(1.0, limit_s), check=False).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     return {"part": name, "returncode": rc, "wall_s": round(time.perf_counter() - start, 1), "limit_s": round(limit_s),
@@ -94,11 +96,12 @@ def environment(tiny: bool) -> dict:
     for name in ("diffusers", "transformers", "peft", "accelerate", "deepspeed"):
         try:
             info[name] = __import__(name).__version__
-        except Exception:  # not installed, or fails to import
+        except (ImportError, AttributeError, RuntimeError, OSError):  # not installed, or fails to import
             info[name] = None
     try:
         info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                             "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+                                             "--format=csv,noheader"], capture_output=True, text=True, timeout=30,
+                                            check=False).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         info["nvidia_smi"] = None
     return info
@@ -106,9 +109,9 @@ def environment(tiny: bool) -> dict:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"{env['device']} ({env.get('nvidia_smi') or 'no nvidia-smi'}), torch {env['torch']} (CUDA {env['cuda']}), "
-             f"diffusers {env['diffusers']}, transformers {env['transformers']}, peft {env['peft']}, "
-             f"accelerate {env['accelerate']}, deepspeed {env['deepspeed']}; {env['date_utc']} UTC", "",
+    lines = [(f"{env['device']} ({env.get('nvidia_smi') or 'no nvidia-smi'}), torch {env['torch']} (CUDA {env['cuda']}), "
+              f"diffusers {env['diffusers']}, transformers {env['transformers']}, peft {env['peft']}, "
+              f"accelerate {env['accelerate']}, deepspeed {env['deepspeed']}; {env['date_utc']} UTC"), "",
              "| part | result | wall (s) | optimizer steps | median step (s) | peak allocated (GiB) | peak reserved (GiB) | host syncs after step 3 |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for part in report["parts"]:
@@ -171,12 +174,14 @@ def main(argv=None) -> int:
         part_env = dict(env, PEAK_MEMORY_OUT=str(peak_json))
         if part == "build":
             if args.tiny:
-                cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[3]); "
-                       "from sdxl_ambient.tiny import save_tiny_pipeline; import real_size; "
-                       "save_tiny_pipeline(sys.argv[1]); real_size.write_images(sys.argv[2], sizes=((96, 96), (64, 112), (112, 80), (96, 96)))",
+                cmd = [sys.executable, "-c", ("import sys; sys.path.insert(0, sys.argv[3]); "
+                       "from sdxl_ambient.tiny import save_tiny_pipeline; import real_size; save_tiny_pipeline(sys.argv[1]); "
+                       "real_size.write_images(sys.argv[2], sizes=((96, 96), (64, 112), (112, 80), (96, 96)))"),
                        work / "pipeline", work / "images", BENCH]
             else:
                 cmd = [sys.executable, BENCH / "real_size.py", "build", "--workdir", work, "--device", "cuda", "--num_images", 4]
+                wheels = sorted((ROOT / ".whl" / "bpe").glob("open_clip_torch-*.whl"))  # the real BPE vocabulary, if carried
+                cmd += ["--bpe", wheels[-1]] if wheels else []
             record(run_part(part, cmd, out, part_env, left(150)))
         elif part in ("train-ckpt", "train-nockpt"):
             extra = ["--gradient_checkpointing"] if part == "train-ckpt" else []

@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdxl_ambient.models import add_unet_lora  # noqa: E402
+from sdxl_ambient.models import add_unet_lora
 
 GIB = 2**30
 UNITS = ("ResnetBlock2D", "BasicTransformerBlock")

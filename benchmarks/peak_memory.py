@@ -16,6 +16,7 @@ file and line that called it (the trainer reads losses back every ``--logging_st
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import runpy
@@ -60,7 +61,7 @@ def main() -> None:
     register_optimizer_step_post_hook(on_step)
 
     def report():
-        intervals = [b - a for a, b in zip(steps, steps[1:])]
+        intervals = [b - a for a, b in itertools.pairwise(steps)]
         settled = intervals[3:] or intervals
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         result = {

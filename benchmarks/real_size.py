@@ -500,8 +500,8 @@ def step_rate(log_path: str) -> str | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| phase | what | wall (s) | peak RSS, largest process (GiB) | peak RSS, process tree (GiB) | "
-             "peak anonymous, process tree (GiB) | trainer rate | load 1-min (before / mean / after) | result |",
+    lines = [("| phase | what | wall (s) | peak RSS, largest process (GiB) | peak RSS, process tree (GiB) | "
+              "peak anonymous, process tree (GiB) | trainer rate | load 1-min (before / mean / after) | result |"),
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         if r.get("skipped"):

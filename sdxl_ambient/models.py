@@ -128,8 +128,8 @@ def load_components(
         name = str(Path(name).expanduser())
     common = dict(revision=revision)
     weights = dict(common, variant=variant, use_safetensors=True)
-    te_weights = dict(weights, **({_transformers_dtype_key(): text_encoder_dtype} if text_encoder_dtype else {}))
-    unet_weights = dict(weights, **({"torch_dtype": unet_dtype} if unet_dtype else {}))
+    te_weights = {**weights, **({_transformers_dtype_key(): text_encoder_dtype} if text_encoder_dtype else {})}
+    unet_weights = {**weights, **({"torch_dtype": unet_dtype} if unet_dtype else {})}
     vae_id = pretrained_vae_model_name_or_path
     vae_kwargs = {**_vae_source(vae_id), "use_safetensors": True} if vae_id else \
         {"pretrained_model_name_or_path": name, "subfolder": "vae", **weights}

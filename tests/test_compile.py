@@ -9,7 +9,12 @@ import torch
 from sdxl_ambient import compile as fast
 from sdxl_ambient import models
 from sdxl_ambient.step import AmbientObjective, conditioned_unet
-from sdxl_ambient.tiny import SDXL_SCHEDULER_CONFIG, TINY_POOLED_DIM, TINY_TEXT_DIM, tiny_unet_config
+from sdxl_ambient.tiny import (
+    SDXL_SCHEDULER_CONFIG,
+    TINY_POOLED_DIM,
+    TINY_TEXT_DIM,
+    tiny_unet_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -163,9 +163,9 @@ def _attention_module(key: str) -> str:
 
 
 def test_text_encoder_lora_keys_at_real_depth(sdxl):
-    from peft.utils import get_peft_model_state_dict
-
     import copy
+
+    from peft.utils import get_peft_model_state_dict
 
     counts = {}
     for part, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
