@@ -5,6 +5,8 @@ UNet 2,567,463,684 parameters, VAE, CLIP-L and OpenCLIP-G text encoders, schedul
 weights, two CLIP tokenizers of the real vocabulary size (49,408 tokens) and a few images at SDXL
 sizes, then runs the project's commands on it as a user would, each in a subprocess:
 
+    load-*        models.load_components as the commands call it now (the UNet made float32), and the
+                  proposed calls: frozen parts in bf16 (LoRA trainer), no UNet (corrupt)
     corrupt       sdxl-ambient corrupt at 1024 px (aspect-ratio buckets) on a few images
     train-512     accelerate launch train_sdxl_ambient.py: LoRA, bf16, 512 px, a few steps
     train-1024    the same, one step at 1024 px on the corrupt dataset (gradient checkpointing)
@@ -16,9 +18,9 @@ sizes, then runs the project's commands on it as a user would, each in a subproc
     memorization  sdxl-ambient memorization, one generated image
 
 Each phase prints its wall time and peak RSS (the largest resident set of any process of the phase,
-from wait4, and the largest total of its process tree, sampled), and the load average; a watchdog
-stops a phase whose process tree grows past ``--max_rss_gib``. At the end a Markdown table and a
-JSON report (``WORKDIR/real_size.json``).
+from wait4, and the largest totals of its process tree, resident and anonymous, sampled), and the
+load average; a watchdog stops a phase whose process tree holds more anonymous memory than
+``--max_rss_gib``. At the end a Markdown table and a JSON report (``WORKDIR/real_size.json``).
 
 Tokenizer: SDXL's real BPE vocabulary ships in open_clip_torch's wheel as
 ``open_clip/bpe_simple_vocab_16e6.txt.gz``; ``--bpe`` takes that file or the wheel itself (not a
@@ -61,7 +63,7 @@ IMAGE_SIZES = ((1024, 1024), (768, 1344), (1152, 896), (1024, 1024))
 CAPTIONS = ("an astronaut in a white suit with a flag", "a red motorcycle parked on a street",
             "a rocket on its launch pad at dusk", "a cup of coffee on a saucer")
 NUM_IMAGES = 3
-PHASES = ("corrupt", "train-512", "train-1024", "train-te", "train-cons", "train-full", "lora-load", "generate",
+PHASES = ("load-fp32", "load-bf16", "load-encoders", "corrupt", "train-512", "train-1024", "train-te", "train-cons", "train-full", "lora-load", "generate",
           "memorization")
 
 
@@ -381,7 +383,12 @@ def plan(work: Path, args, unet_parameters: int) -> list[tuple[str, str, list[st
         f"needs about {full['total_gib']} GiB (fp32 weights {full['weights_fp32']} + grads {full['grads_fp32']} + "
         f"Adam moments {full['adam_moments_fp32']} + activations ~{full['activations']}), over the "
         f"{min(available, args.max_rss_gib):.1f} GiB allowed here")
+    load = [sys.executable, str(Path(__file__).resolve()), "load", "--pipeline", str(work / "pipeline")]
     return [
+        ("load-fp32", "models.load_components as the trainer and corrupt call it (UNet made float32)", load, None),
+        ("load-bf16", "models.load_components(unet_dtype=bf16, text_encoder_dtype=bf16): the proposed LoRA trainer call",
+         [*load, "--dtype", "bf16"], None),
+        ("load-encoders", "models.load_components(load_unet=False): the proposed corrupt call", [*load, "--no_unet"], None),
         ("corrupt", f"sdxl-ambient corrupt, {NUM_IMAGES} images, 1024 px buckets, t_n=100",
          cli("corrupt", "--pretrained_model_name_or_path", work / "pipeline", "--train_data_dir", images,
              "--output_dir", corrupted, "--ambient_timestep", 100, "--resolution", 1024, "--enable_bucket",
@@ -596,6 +603,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--max_rss_gib", type=float, default=14.0,
                      help="stop a phase whose process tree holds more anonymous memory than this (GiB)")
     run.add_argument("--phase_timeout_s", type=float, default=3600.0)
+    load = sub.add_parser("load", help="models.load_components on a pipeline folder, as the commands load it")
+    load.add_argument("--pipeline", required=True)
+    load.add_argument("--dtype", choices=["bf16"], default=None, help="unet_dtype and text_encoder_dtype")
+    load.add_argument("--no_unet", action="store_true")
     check = sub.add_parser("check-lora", help="load a run's two LoRA files with load_lora_weights and compare them")
     check.add_argument("--pipeline", required=True)
     check.add_argument("--lora", required=True)
@@ -609,6 +620,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         info = build_workdir(Path(args.workdir), args.config, args.bpe, args.seed, args.device, args.num_images)
         print(json.dumps(info, indent=2))
+        return 0
+    if args.command == "load":
+        import torch
+
+        from sdxl_ambient.models import load_components
+
+        dtype = torch.bfloat16 if args.dtype else None
+        c = load_components(args.pipeline, unet_dtype=dtype, text_encoder_dtype=dtype, load_unet=not args.no_unet)
+        print({name: None if m is None else str(m.dtype) for name, m in
+               (("unet", c.unet), ("text_encoder", c.text_encoder), ("text_encoder_2", c.text_encoder_2), ("vae", c.vae))})
         return 0
     if args.command == "check-lora":
         check_lora(args.pipeline, args.lora)

@@ -86,12 +86,15 @@ def _vae_source(vae_path: str) -> dict:
     return {"pretrained_model_name_or_path": vae_path}
 
 
-def _transformers_dtype_key() -> str:
-    """transformers' from_pretrained precision argument: ``dtype`` from 4.56 (``torch_dtype`` is deprecated there)."""
-    from packaging.version import Version
-    from transformers import __version__
+def _dtype_key(library: str) -> str:
+    """from_pretrained's precision argument: ``dtype`` from transformers 4.56 and diffusers 0.42, which
+    deprecate ``torch_dtype``; ``torch_dtype`` before."""
+    from importlib.metadata import version
 
-    return "dtype" if Version(__version__) >= Version("4.56") else "torch_dtype"
+    from packaging.version import Version
+
+    since = {"transformers": "4.56", "diffusers": "0.42"}[library]
+    return "dtype" if Version(version(library)) >= Version(since) else "torch_dtype"
 
 
 def freeze(*models) -> None:
@@ -128,8 +131,8 @@ def load_components(
         name = str(Path(name).expanduser())
     common = dict(revision=revision)
     weights = dict(common, variant=variant, use_safetensors=True)
-    te_weights = {**weights, **({_transformers_dtype_key(): text_encoder_dtype} if text_encoder_dtype else {})}
-    unet_weights = {**weights, **({"torch_dtype": unet_dtype} if unet_dtype else {})}
+    te_weights = {**weights, **({_dtype_key("transformers"): text_encoder_dtype} if text_encoder_dtype else {})}
+    unet_weights = {**weights, **({_dtype_key("diffusers"): unet_dtype} if unet_dtype else {})}
     vae_id = pretrained_vae_model_name_or_path
     vae_kwargs = {**_vae_source(vae_id), "use_safetensors": True} if vae_id else \
         {"pretrained_model_name_or_path": name, "subfolder": "vae", **weights}
