@@ -25,6 +25,7 @@ a stand-in accelerator: every CPU tensor that enters the step then shows up as a
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -137,6 +138,16 @@ class SyncEvent:
     kind: str  # "reads a value", "data-dependent shape", "copy between devices"
     op: str
     detail: str = ""
+    where: str = ""  # the innermost calling line outside torch
+
+
+def _caller() -> str:
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        if f"{os.sep}torch{os.sep}" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno}"
+    return ""
 
 
 class HostSyncCheck(TorchDispatchMode):
@@ -155,17 +166,17 @@ class HostSyncCheck(TorchDispatchMode):
         kwargs = kwargs or {}
         name = _op_name(func)
         if name in _READS_VALUE:
-            self.events.append(SyncEvent("reads a value", name))
+            self.events.append(SyncEvent("reads a value", name, where=_caller()))
         elif name in _DATA_DEPENDENT_SHAPE or (name == "repeat_interleave" and kwargs.get("output_size") is None
                                                 and len(args) == 1):
-            self.events.append(SyncEvent("data-dependent shape", name))
+            self.events.append(SyncEvent("data-dependent shape", name, where=_caller()))
         elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])):
-            self.events.append(SyncEvent("data-dependent shape", "index with a boolean mask"))
+            self.events.append(SyncEvent("data-dependent shape", "index with a boolean mask", where=_caller()))
         out = func(*args, **kwargs)
         if name in ("_to_copy", "copy_"):
             source = _devices(args[1:2] if name == "copy_" else args[:1])
             target = _devices([out])
             if source and target and source != target:
                 self.events.append(SyncEvent("copy between devices", name,
-                                             f"{sorted(map(str, source))} -> {sorted(map(str, target))}"))
+                                             f"{sorted(map(str, source))} -> {sorted(map(str, target))}", _caller()))
         return out

@@ -2,6 +2,7 @@
 shape, and the step reads nothing back to the host."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -141,16 +142,18 @@ def test_step_on_a_stand_in_accelerator_reads_nothing_back(lora_unet, abar, cons
     no value read on the host, no data-dependent shape, no tensor copied in from the CPU."""
     unet = copy.deepcopy(lora_unet).to("meta")
     objective = AmbientObjective(alphas_cumprod=abar.to("meta"), consistency_weight=consistency_weight)
+    data = batch(device="meta")
     with fast.HostSyncCheck() as check:
-        _step(unet, objective, batch(device="meta"))
+        _step(unet, objective, data)
     assert check.events == []
 
 
 def test_step_on_the_cpu_reads_nothing_back(lora_unet, abar):
     """The same step with real numbers (CPU, seeded generator): no host read either."""
     objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5)
+    unet, data = copy.deepcopy(lora_unet), batch()
     with fast.HostSyncCheck() as check:
-        _step(copy.deepcopy(lora_unet), objective, batch(), generator=torch.Generator().manual_seed(0))
+        _step(unet, objective, data, generator=torch.Generator().manual_seed(0))
     assert check.events == []
 
 
@@ -173,6 +176,8 @@ def test_host_sync_check_sees_what_it_must():
 def test_a_cpu_table_entering_the_step_is_seen(lora_unet, abar):
     """The noise schedule left on the CPU while the batch is on the accelerator: a copy every step."""
     unet = copy.deepcopy(lora_unet).to("meta")
+    data = batch(device="meta")
     with fast.HostSyncCheck() as check:
-        _step(unet, AmbientObjective(alphas_cumprod=abar), batch(device="meta"))
-    assert {e.kind for e in check.events} == {"copy between devices"}
+        _step(unet, AmbientObjective(alphas_cumprod=abar), data)
+    assert {(e.kind, e.detail) for e in check.events} == {("copy between devices", "['cpu'] -> ['meta']")}
+    assert all(f"sdxl_ambient{os.sep}step.py:" in e.where for e in check.events), check.events  # named where it happens
