@@ -181,3 +181,21 @@ def test_a_cpu_table_entering_the_step_is_seen(lora_unet, abar):
         _step(unet, AmbientObjective(alphas_cumprod=abar), data)
     assert {(e.kind, e.detail) for e in check.events} == {("copy between devices", "['cpu'] -> ['meta']")}
     assert all(f"sdxl_ambient{os.sep}step.py:" in e.where for e in check.events), check.events  # named where it happens
+
+
+def test_compiled_blocks_under_gradient_checkpointing(lora_unet, abar):
+    """--gradient_checkpointing recomputes the compiled blocks in the backward pass: still eager's numbers
+    (aot_eager: the same graph as inductor's input, without code generation)."""
+    torch._dynamo.reset()
+    objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5)
+    runs = []
+    for compiled in (False, True):
+        unet = copy.deepcopy(lora_unet)
+        unet.enable_gradient_checkpointing()
+        if compiled:
+            fast.compile_unet(unet, backend="aot_eager")
+        runs.append(train(unet, objective, [batch()], steps=2))
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-7)
+    for name, weight in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
