@@ -7,9 +7,10 @@ flags (see ``sdxl_ambient.config``) and is what ``train_sdxl_ambient.py`` runs.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from sdxl_ambient.errors import exit_code_of
 
 COMMANDS = {
     "demo": ("sdxl_ambient.demo", "corrupt, train a LoRA and sample on the embedded tiny model (CPU, no network)"),
@@ -21,13 +22,15 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str]) -> int:
+    """Parse and run one subcommand; expected user errors propagate as ``UserError``."""
+    from sdxl_ambient.config import FlagParser
+
     if argv and argv[0] == "train":
         from sdxl_ambient.train import main as train_main
 
-        return train_main(argv[1:]) or 0
-    parser = argparse.ArgumentParser(prog="sdxl-ambient", description=__doc__.splitlines()[0])
+        return train_main(argv[1:])
+    parser = FlagParser(prog="sdxl-ambient", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="fine-tune SDXL with the ambient objectives (flags: sdxl-ambient train --help)")
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
@@ -40,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``sdxl-ambient COMMAND ...``: a user error is one line on stderr and exit status 2."""
+    return exit_code_of(lambda: run(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Saved settings, the model card, and Hub pushes (final folder and background checkpoint uploads).
 
-A Hub token is read from ``--hub_token``, ``HF_TOKEN`` or the stored login; it is never written into
-settings, cards or log messages."""
+A Hub token is read from ``HF_TOKEN`` or the stored login; it is never written into settings,
+cards or log messages, and neither is the secret noise seed."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from sdxl_ambient.files import EMA_DIR, LORA_FILES, MODEL_CARD, MODEL_INDEX, SDXL_PARTS, SETTINGS_FILE
+from sdxl_ambient.images import IMAGE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
-LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
-CARD_FILES = ("README.md", "training_settings.json")
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-CHECKPOINT_WEIGHTS = (*LORA_FILES, "unet/*", "unet_ema/*", "text_encoder/*", "text_encoder_2/*")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CARD_FILES = (MODEL_CARD, SETTINGS_FILE)
+CHECKPOINT_WEIGHTS = (*LORA_FILES, "unet/*", f"{EMA_DIR}/*", "text_encoder/*", "text_encoder_2/*")
+# Settings keys whose values never leave the machine: Hub tokens, and the noise seed that would undo the noise.
+SECRET_KEYS = ("token", "noise_seed")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PAPER = "https://arxiv.org/abs/2404.10177"
 
@@ -29,7 +31,7 @@ PAPER = "https://arxiv.org/abs/2404.10177"
 
 
 def resolve_token(token: str | None = None) -> str | None:
-    """``--hub_token``, else ``HF_TOKEN``, else the token stored by ``hf auth login``."""
+    """``token`` (from code), else ``HF_TOKEN``, else the token stored by ``hf auth login``."""
     if token:
         return token
     if os.environ.get("HF_TOKEN"):
@@ -74,12 +76,12 @@ def _holds_secret(value, secrets: list[str]) -> bool:
 
 
 def public_settings(args) -> dict:
-    """The resolved settings without any ``*token*`` key and without any value holding a Hub token."""
+    """The settings without any ``*token*`` or noise-seed key and without any value holding a Hub token."""
     items = vars(args) if not isinstance(args, dict) else args
     secrets = _known_secrets(items.get("hub_token"))
     out = {}
     for key, value in sorted(items.items()):
-        if "token" in key.lower():
+        if any(word in key.lower() for word in SECRET_KEYS):
             continue
         value = _jsonable(value)
         if not _holds_secret(value, secrets):
@@ -87,10 +89,10 @@ def public_settings(args) -> dict:
     return out
 
 
-def write_settings(output_dir, args) -> Path:
-    path = Path(output_dir) / "training_settings.json"
+def write_settings(output_dir, settings) -> Path:
+    path = Path(output_dir) / SETTINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(public_settings(args), indent=2) + "\n")
+    path.write_text(json.dumps(public_settings(settings), indent=2) + "\n")
     return path
 
 
@@ -198,14 +200,14 @@ def final_upload_files(output_dir) -> list[str]:
     """The files a final push uploads: weights (LoRA in both formats, or the pipeline folder),
     README.md, training_settings.json and sample images. Never checkpoints, caches, logs or pickles."""
     root = Path(output_dir)
-    files = [root / n for n in (*LORA_FILES, *CARD_FILES, "model_index.json")]
-    if (root / "model_index.json").is_file():
-        for part in PIPELINE_PARTS:
+    files = [root / n for n in (*LORA_FILES, *CARD_FILES, MODEL_INDEX)]
+    if (root / MODEL_INDEX).is_file():
+        for part in SDXL_PARTS:
             files += [p for p in (root / part).rglob("*") if not p.name.endswith(UNSAFE_SUFFIXES)]
     for image in root.rglob("*"):
         rel = image.relative_to(root).parts
         if image.suffix.lower() in IMAGE_SUFFIXES and not any(_excluded_dir(d) for d in rel[:-1]) \
-                and rel[0] not in PIPELINE_PARTS:
+                and rel[0] not in SDXL_PARTS:
             files.append(image)
     return _rel(files, root)
 

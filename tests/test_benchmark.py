@@ -22,6 +22,7 @@ def bench():
     sys.modules.pop("step_benchmark", None)
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_tiny_run_times_every_case_and_prints_the_table(bench, tmp_path, capsys):
     out = tmp_path / "results.json"
     assert bench.main(["--tiny", "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0

@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_metadata
+from helpers import assert_one_line_error
 from sdxl_ambient.cli import main
+from sdxl_ambient.data import read_metadata
 from sdxl_ambient.evaluation import memorization as mem
 from sdxl_ambient.evaluation.features import ClipImageEmbedder, DinoV2Embedder
 from sdxl_ambient.evaluation.quality import EmbedderFeatures, fid_kid
+from sdxl_ambient.images import load_images
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def dino(dino_dir):
 
 def training_images(folder):
     rows = mem.read_training_set(folder)
-    return rows, mem.load_images([r["path"] for r in rows])
+    return rows, load_images([r["path"] for r in rows])
 
 
 def test_embeddings_are_unit_cls_vectors_and_pil_and_tensor_paths_agree(dino, image_folder):
@@ -94,7 +96,7 @@ def test_model_specs_and_training_set_errors(tmp_path):
         mem.parse_model_spec("no-name")
     with pytest.raises(ValueError, match="--ambient_timestep"):
         mem.parse_truncation(["other=500"], ["plain"])
-    with pytest.raises(ValueError, match="metadata.jsonl"):
+    with pytest.raises(ValueError, match="holds no images"):
         mem.read_training_set(tmp_path)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "gone.png", "text": "x"}\n')
     with pytest.raises(ValueError, match="gone.png"):
@@ -182,7 +184,7 @@ def test_fid_is_zero_for_identical_sets_and_positive_otherwise(dino_dir, image_f
     assert other["fid"] > 1e-2 and other["kid_subset_size"] == 4 and other["kid_mean"] > same["kid_mean"]
 
 
-def test_quality_command_with_clip_score(tiny_pipeline_dir, dino_dir, clip_dir, image_folder, tmp_path):
+def test_quality_command_with_clip_score(tiny_pipeline_dir, dino_dir, clip_dir, image_folder, tmp_path, capsys):
     gen = tmp_path / "gen"
     assert main(["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "a cat", "--prompt", "a dog",
                  "--num_images_per_prompt", "2", "--resolution", "64", "--num_inference_steps", "3", "--output_dir", str(gen)]) == 0
@@ -194,7 +196,6 @@ def test_quality_command_with_clip_score(tiny_pipeline_dir, dino_dir, clip_dir, 
     assert results["fid"] > 0 and 0 <= results["clip_score"] <= 100
     assert f"{results['fid']:.4f}" in (out / "quality.md").read_text()
     clip = ClipImageEmbedder(clip_dir, device="cpu")
-    assert clip(mem.load_images([gen / "00000.png"])).shape == (1, 16)
-    with pytest.raises(ValueError, match="--reference"):
-        main(["quality", "--generated", str(gen), "--reference", str(tmp_path / "none"), "--embedder", str(dino_dir),
-              "--output_dir", str(out)])
+    assert clip(load_images([gen / "00000.png"])).shape == (1, 16)
+    assert_one_line_error(capsys, main(["quality", "--generated", str(gen), "--reference", str(tmp_path / "none"),
+                                        "--embedder", str(dino_dir), "--output_dir", str(out)]), "--reference", "no such folder")

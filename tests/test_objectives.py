@@ -6,9 +6,16 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdxl_ambient import objectives as obj
-from toy import (
-    GaussianMixture, TrainConfig, ddim_sample, exact_denoiser, model_denoiser, ring_mixture, sample_distance,
-    sdxl_alphas_cumprod, train,
+from sdxl_ambient.toy import (
+    GaussianMixture,
+    TrainConfig,
+    ddim_sample,
+    exact_denoiser,
+    model_denoiser,
+    ring_mixture,
+    sample_distance,
+    sdxl_alphas_cumprod,
+    train,
 )
 
 T = 1000
@@ -256,6 +263,7 @@ def ambient_model(ring):
     return train(mixture, TrainConfig("ambient", observed_timestep=T_N, steps=TRAIN_STEPS), abar)
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_ambient_training_on_noisy_data_recovers_the_clean_denoiser(ring, ambient_model):
     """DDIM to just above t_n, then one Tweedie jump, lands near the exact clean denoiser's samples;
     a model trained on the same noisy samples as if they were clean stays far off."""
@@ -268,6 +276,7 @@ def test_ambient_training_on_noisy_data_recovers_the_clean_denoiser(ring, ambien
     assert ambient_distance < NAIVE_RATIO * naive_distance, (ambient_distance, naive_distance)
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_consistency_term_improves_sampling_below_t_n(ring, ambient_model):
     """The ambient loss never sees t < t_n; with the consistency term as the trainer applies it
     (step.AmbientObjective: chains from t_c in [t_n, 2 t_n) down by up to t_n) DDIM can run all the

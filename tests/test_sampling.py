@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
+from helpers import assert_one_line_error
 from sdxl_ambient import sampling
 from sdxl_ambient.cli import main
 from sdxl_ambient.tiny import SDXL_SCHEDULER_CONFIG
@@ -165,13 +166,12 @@ def test_generate_command_writes_images_grid_and_settings(tiny_pipeline_dir, tmp
     assert np.abs(with_lora - without).max() > 0
 
 
-def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path):
+def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path, capsys):
     base = ["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "x", "--resolution", "64",
             "--output_dir", str(tmp_path)]
-    with pytest.raises(ValueError, match="--scheduler 'NoSuchScheduler'"):
-        main(base + ["--scheduler", "NoSuchScheduler"])
+    assert_one_line_error(capsys, main(base + ["--scheduler", "NoSuchScheduler"]), "--scheduler 'NoSuchScheduler'")
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="only .safetensors"):
-        main(base + ["--lora_path", str(tmp_path / "weights.bin")])
-    with pytest.raises(ValueError, match="--prompts_file"):
-        main(base[:3] + ["--prompts_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path)])
+    assert_one_line_error(capsys, main(base + ["--lora_path", str(tmp_path / "weights.bin")]), "--lora_path", "only .safetensors")
+    assert_one_line_error(capsys, main(base[:3] + ["--prompts_file", str(tmp_path / "missing.txt"), "--output_dir",
+                                                   str(tmp_path)]), "--prompts_file", "no such file")
+    assert_one_line_error(capsys, main(base + ["--num_inference_steps", "3.5"]), "--num_inference_steps", "3.5")

@@ -5,14 +5,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from trainrun import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
+
+from helpers import DEMO_IMAGES
+from helpers.training import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_pipeline_dir):
     """One uninterrupted LoRA run with the consistency loss under `accelerate launch` (6 steps, checkpoints at 3 and 6)."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path_factory.mktemp("lora") / "out"
     launch(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--consistency_weight", "0.5",
                      "--validation_prompt", "a ginger cat", "--num_validation_images", "1",
@@ -25,6 +25,7 @@ def _images(pipe, seed=0):
     return pipe("a ginger cat", num_inference_steps=3, height=64, width=64, generator=g, output_type="np").images
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipeline_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -40,10 +41,9 @@ def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipe
     assert np.abs(after - before).max() > 1e-3
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pipeline_dir):
     """Drop everything after checkpoint-3, resume with `latest`: the final LoRA is bit-identical."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path / "out"
     shutil.copytree(lora_run, out)
     shutil.rmtree(out / "checkpoint-6")
@@ -57,6 +57,7 @@ def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pi
         assert torch.equal(expected[key], resumed[key]), key
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, image_folder):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -69,6 +70,7 @@ def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, im
     assert (out / "checkpoint-3").is_dir()
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
     out = tmp_path / "ddp"
     proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", "--train_text_encoder", steps=2),
@@ -109,7 +111,7 @@ def test_trains_directly_on_a_corrupted_dataset_and_logs_to_tensorboard(tmp_path
     assert run_inprocess(args) == 0
     import json
 
-    assert json.loads((out / "training_settings.json").read_text())["ambient_timestep"] == 300
+    assert json.loads((out / "training_settings.json").read_text())["resolved"]["ambient_timestep"] == 300
     assert not (out / "latent_cache").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

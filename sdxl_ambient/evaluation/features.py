@@ -17,28 +17,20 @@ returns float32 features (N, D).
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdxl_ambient.errors import UserError
+from sdxl_ambient.images import center_crop_resize
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """RGB, shorter side resized to ``size`` (bicubic), then the central ``size`` square."""
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def pil_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
@@ -155,4 +147,4 @@ def _from_pretrained(cls, name_or_path, flag: str):
     try:
         return cls.from_pretrained(str(name_or_path), use_safetensors=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {name_or_path!r}: cannot load a {cls.__name__} with safetensors weights ({err})") from err
+        raise UserError(f"{flag} {name_or_path!r}: cannot load a {cls.__name__} with safetensors weights ({err})") from None

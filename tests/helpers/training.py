@@ -9,17 +9,21 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+from sdxl_ambient.files import LORA_WEIGHT_NAME as LORA_FILE
+
 SCRIPT = ROOT / "train_sdxl_ambient.py"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def tiny_args(pipeline_dir, data_dir, output_dir, *extra, steps=6) -> list[str]:
+def tiny_args(pipeline_dir, data_dir, output_dir, *extra, steps=6, noise_seed="0") -> list[str]:
+    """A short LoRA run on the tiny pipeline; ``noise_seed`` fixes the cache's noise so that runs in
+    different folders are comparable bit for bit (None: a fresh secret one, as users get)."""
+    noise = ["--noise_seed", noise_seed] if noise_seed is not None else []
     return ["--pretrained_model_name_or_path", str(pipeline_dir), "--train_data_dir", str(data_dir),
             "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2",
             "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--rank", "4",
             "--ambient_timestep", "100", "--seed", "0", "--checkpointing_steps", "3", "--report_to", "none",
-            "--mixed_precision", "no", *map(str, extra)]
+            "--mixed_precision", "no", *noise, *map(str, extra)]
 
 
 def subprocess_env(**extra) -> dict:
