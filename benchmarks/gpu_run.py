@@ -112,7 +112,8 @@ def markdown(report: dict) -> str:
     lines = [(f"{env['device']} ({env.get('nvidia_smi') or 'no nvidia-smi'}), torch {env['torch']} (CUDA {env['cuda']}), "
               f"diffusers {env['diffusers']}, transformers {env['transformers']}, peft {env['peft']}, "
               f"accelerate {env['accelerate']}, deepspeed {env['deepspeed']}; {env['date_utc']} UTC"), "",
-             "| part | result | wall (s) | optimizer steps | median step (s) | peak allocated (GiB) | peak reserved (GiB) | host syncs after step 3 |",
+             ("| part | result | wall (s) | optimizer steps | median step (s) | peak allocated (GiB) | peak reserved (GiB) | "
+              "host syncs after step 3 |"),
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for part in report["parts"]:
         peak = part.get("peak") or {}

@@ -63,8 +63,8 @@ IMAGE_SIZES = ((1024, 1024), (768, 1344), (1152, 896), (1024, 1024))
 CAPTIONS = ("an astronaut in a white suit with a flag", "a red motorcycle parked on a street",
             "a rocket on its launch pad at dusk", "a cup of coffee on a saucer")
 NUM_IMAGES = 3
-PHASES = ("load-fp32", "load-bf16", "load-encoders", "corrupt", "train-512", "train-1024", "train-te", "train-cons", "train-full", "lora-load", "generate",
-          "memorization")
+PHASES = ("load-fp32", "load-bf16", "load-encoders", "corrupt", "train-512", "train-1024", "train-te", "train-cons", "train-full",
+          "lora-load", "generate", "memorization")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -526,8 +526,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         result = "ok" if r["returncode"] == 0 else f"FAILED rc={r['returncode']}" + (f" ({r['stopped']})" if r["stopped"] else "")
         lines.append(f"| {r['phase']} | {r['what']} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['peak_tree_rss_gib']:.2f} | "
-                     f"{r['peak_tree_anon_gib']:.2f} | {r.get('rate') or ''} | {r['load_before'][0]:.2f} / {r['load_mean_1min']:.2f} / {r['load_after'][0]:.2f} | "
-                     f"{result} |")
+                     f"{r['peak_tree_anon_gib']:.2f} | {r.get('rate') or ''} | "
+                     f"{r['load_before'][0]:.2f} / {r['load_mean_1min']:.2f} / {r['load_after'][0]:.2f} | {result} |")
     return "\n".join(lines)
 
 
@@ -545,7 +545,8 @@ def run_all(args, argv: list[str]) -> int:
             print(f"[{row['phase']}] skipped: {row['skipped']}", flush=True)
         else:
             print(f"[{row['phase']}] rc={row['returncode']} wall {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gib']:.2f} GiB "
-                  f"(tree {row['peak_tree_rss_gib']:.2f}, anonymous {row['peak_tree_anon_gib']:.2f}), load {row['load_before'][0]:.2f} -> {row['load_after'][0]:.2f}"
+                  f"(tree {row['peak_tree_rss_gib']:.2f}, anonymous {row['peak_tree_anon_gib']:.2f}), "
+                  f"load {row['load_before'][0]:.2f} -> {row['load_after'][0]:.2f}"
                   + (f", {row['rate']}" if row.get("rate") else "") + (f", STOPPED: {row['stopped']}" if row["stopped"] else ""),
                   flush=True)
 

@@ -69,6 +69,7 @@ def train(unet, objective, batches, steps, seed=0):
     return torch.stack(out), {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager(lora_unet, abar):
     """Inductor-compiled blocks: the same per-sample losses at every step and the same LoRA weights
     after three optimizer steps of AmbientObjective (with the consistency term) as eager."""
@@ -183,6 +184,7 @@ def test_a_cpu_table_entering_the_step_is_seen(lora_unet, abar):
     assert all(f"sdxl_ambient{os.sep}step.py:" in e.where for e in check.events), check.events  # named where it happens
 
 
+@pytest.mark.slow
 def test_compiled_blocks_under_gradient_checkpointing(lora_unet, abar):
     """--gradient_checkpointing recomputes the compiled blocks in the backward pass: still eager's numbers
     (aot_eager: the same graph as inductor's input, without code generation)."""

@@ -26,6 +26,7 @@ def bench():
     sys.modules.pop("step_benchmark", None)
 
 
+@pytest.mark.slow
 def test_step_benchmark_compiled_cases(bench, tmp_path, capsys):
     """--compile compiles the UNet's blocks in the project's cases (not the eager baseline); their FLOPs
     are not counted (compiled graphs bypass the counter) and the table says n/a."""
@@ -40,6 +41,7 @@ def test_step_benchmark_compiled_cases(bench, tmp_path, capsys):
         bench.parse_args(["--tiny", "--compile", "default", "--warmup", "0"])
 
 
+@pytest.mark.slow
 def test_peak_memory_wrapper_records_steps_and_exit(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("import sys, torch\n"

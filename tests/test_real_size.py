@@ -14,7 +14,8 @@ from sdxl_ambient import compile as fast
 from sdxl_ambient import models
 from sdxl_ambient.cache import model_signature
 from sdxl_ambient.data import bucket_resolutions, time_ids
-from sdxl_ambient.lora_formats import diffusers_to_kohya
+from sdxl_ambient.lora_formats import diffusers_to_kohya, text_encoder_module_path
+from sdxl_ambient.text import text_embeddings
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -76,7 +77,7 @@ def test_text_encoders_give_the_unet_its_conditioning(sdxl):
     """Penultimate hidden states 768 + 1280 = cross_attention_dim 2048; the pooled output is
     text_encoder_2's 1280-d projection, taken at the end token (id 49407 of the real vocabulary)."""
     ids = torch.full((2, 77), 49407, dtype=torch.long, device="meta")
-    prompt_embeds, pooled = models.text_embeddings(sdxl["text_encoder"], sdxl["text_encoder_2"], ids, ids)
+    prompt_embeds, pooled = text_embeddings(sdxl["text_encoder"], sdxl["text_encoder_2"], ids, ids)
     assert prompt_embeds.shape == (2, 77, sdxl["unet"].config.cross_attention_dim) == (2, 77, 2048)
     assert pooled.shape == (2, 1280)
     assert sdxl["text_encoder"].config.eos_token_id == sdxl["text_encoder_2"].config.eos_token_id == 49407
@@ -171,7 +172,7 @@ def test_text_encoder_lora_keys_at_real_depth(sdxl):
     for part, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
         te = copy.deepcopy(sdxl[part])
         models.add_text_encoder_lora(te, rank=4)
-        state = {f"{part}.{models.text_encoder_module_path(k)}": torch.zeros(1)
+        state = {f"{part}.{text_encoder_module_path(k)}": torch.zeros(1)
                  for k in get_peft_model_state_dict(te)}
         kohya = diffusers_to_kohya(state, 4.0)
         assert all(k.startswith(prefix + "text_model_encoder_layers_") for k in kohya)
@@ -230,6 +231,7 @@ def test_load_components_in_the_training_precision(tiny_pipeline_dir):
     assert encoders.unet is None and not any(p.requires_grad for p in encoders.vae.parameters())
 
 
+@pytest.mark.slow
 def test_memory_estimate_counts_activations_not_weights():
     """The meta-device trace behind BENCHMARKS.md's memory plan: frozen weights are not activations, the
     attention is flash-like (activations grow with the pixel count, not its square), checkpointing keeps
