@@ -30,6 +30,7 @@ is written; the report says which one ran.
     python benchmarks/real_size.py run --workdir /tmp/sdxl-real --bpe open_clip_torch-3.3.0-py3-none-any.whl
     python benchmarks/real_size.py build --workdir /tmp/sdxl-real           # the folder only
     python benchmarks/real_size.py check-lora --pipeline P --lora DIR       # one phase by hand
+    python benchmarks/real_size.py run --workdir /tmp/sdxl-tiny --config tiny   # rehearsal, minutes
 """
 
 from __future__ import annotations
@@ -139,8 +140,24 @@ def write_clip_tokenizer(directory: str | os.PathLike, vocab: dict, merges: list
 # ----------------------------------------------------------------------------- the random pipeline
 
 
+def tiny_config() -> dict:
+    """SDXL's layout at the tiny model's widths (``sdxl_ambient.tiny``) with the real vocabulary size: every
+    phase in minutes, to rehearse the commands (``run --tiny``), not to measure them."""
+    from sdxl_ambient.tiny import SDXL_SCHEDULER_CONFIG, tiny_unet_config
+
+    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                vocab_size=VOCAB_SIZE, hidden_act="gelu", projection_dim=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16, 16, 16], layers_per_block=1,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=8,
+               sample_size=64, scaling_factor=0.13025)
+    return {"unet": tiny_unet_config(), "vae": vae, "text_encoder": text, "text_encoder_2": dict(text),
+            "scheduler": dict(SDXL_SCHEDULER_CONFIG)}
+
+
 def load_config(path: str | os.PathLike = DEFAULT_CONFIG) -> dict:
-    """SDXL-base's component configs; keys starting with ``_`` are comments."""
+    """SDXL-base's component configs; keys starting with ``_`` are comments; ``"tiny"``: ``tiny_config()``."""
+    if str(path) == "tiny":
+        return tiny_config()
     data = json.loads(Path(path).read_text())
     missing = [k for k in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler") if k not in data]
     if missing:
@@ -392,7 +409,7 @@ def plan(work: Path, args, unet_parameters: int) -> list[tuple[str, str, list[st
         ("corrupt", f"sdxl-ambient corrupt, {NUM_IMAGES} images, 1024 px buckets, t_n=100",
          cli("corrupt", "--pretrained_model_name_or_path", work / "pipeline", "--train_data_dir", images,
              "--output_dir", corrupted, "--ambient_timestep", 100, "--resolution", 1024, "--enable_bucket",
-             "--seed", 0, "--device", "cpu"), None),
+             "--noise_seed", 0, "--device", "cpu"), None),
         ("train-512", f"LoRA r4, bf16, 512 px, {n} steps (cache built in the trainer)",
          launch(*train_args(work, "lora-512", n, *t512)), None),
         ("train-1024", "LoRA r4, bf16, 1024-px bucket, 1 step, --gradient_checkpointing, on the corrupt dataset",
@@ -592,7 +609,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build = sub.add_parser("build", help="write the random real-size pipeline, tokenizers and images only")
     for q in (run, build):
         q.add_argument("--workdir", required=True, help="where the pipeline, data, outputs and logs go (about 8 GB)")
-        q.add_argument("--config", default=str(DEFAULT_CONFIG), help="SDXL-base component configs (JSON)")
+        q.add_argument("--config", default=str(DEFAULT_CONFIG),
+                       help="SDXL-base component configs (JSON); 'tiny': the tiny widths, a rehearsal of the commands in minutes")
         q.add_argument("--bpe", default=None, help=f"open_clip's {BPE_NAME} or the open_clip_torch wheel holding it")
         q.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda: seconds)")
