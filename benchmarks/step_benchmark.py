@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdxl_ambient.compile import block_kinds, compile_unet, configure_static_shapes, mark_step_begin  # noqa: E402
 from sdxl_ambient.models import UNET_ATTENTION_TARGETS, add_unet_lora, cast_training_params  # noqa: E402
 from sdxl_ambient.step import AmbientObjective, conditioned_unet  # noqa: E402
 from sdxl_ambient.tiny import SDXL_SCHEDULER_CONFIG  # noqa: E402
@@ -183,15 +184,17 @@ def baseline_step(unet, params, batch, noise_scheduler, device, weight_dtype, ma
 
 
 def project_step(unet, params, batch, objective: AmbientObjective, observed_timestep: int, device, weight_dtype,
-                 max_grad_norm, lr, seed):
+                 max_grad_norm, lr, seed, cudagraphs: bool = False):
     """The project's step (as sdxl_ambient.train runs it): conditioned_unet + AmbientObjective under autocast,
-    fused AdamW on CUDA, no host sync."""
+    fused AdamW on CUDA, no host sync. ``cudagraphs``: mark each step's start for compiled CUDA graphs."""
     optimizer = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(seed)
     observed = batch["latents"]
     observed_timesteps = torch.full((observed.shape[0],), observed_timestep, dtype=torch.long, device=device)
 
     def step() -> torch.Tensor:
+        if cudagraphs:
+            mark_step_begin()
         net = conditioned_unet(unet, batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["time_ids"],
                                dtype=weight_dtype)
         with autocast(device, weight_dtype):
@@ -267,20 +270,24 @@ def measure_case(spec: ModelSpec, mode: str, batch_size: int, case: str, device,
     unet, params = build_unet(spec, mode, device, weight_dtype, args.rank, args.gradient_checkpointing, args.seed)
     noise_scheduler = DDPMScheduler.from_config(spec.scheduler_config)
     batch = make_batch(spec, batch_size, device, weight_dtype, args.seed)
+    compiled = args.compile != "none" and case != "baseline"
+    if compiled:  # regional compilation, static shapes: B, and 2B for the consistency chains
+        configure_static_shapes(2, block_kinds(unet))
+        compile_unet(unet, mode=args.compile, backend=args.compile_backend)
     if case == "baseline":
         step = baseline_step(unet, params, batch, noise_scheduler, device, weight_dtype, args.max_grad_norm, args.learning_rate)
     else:
         objective, t_n = make_objective(case, noise_scheduler, device, args)
         step = project_step(unet, params, batch, objective, t_n, device, weight_dtype, args.max_grad_norm,
-                            args.learning_rate, args.seed)
+                            args.learning_rate, args.seed, cudagraphs=compiled and args.compile == "reduce-overhead")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = time_steps(step, args.warmup, args.steps, device)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
-    flops = count_flops(step)
+    flops = None if compiled else count_flops(step)  # compiled graphs run past the counting mode
     median = statistics.median(times)
-    mfu = flops / median / (args.peak_tflops * 1e12) if device.type == "cuda" else None
+    mfu = flops / median / (args.peak_tflops * 1e12) if device.type == "cuda" and flops else None
     return {
         "status": "ok",
         "step_time_s": median,
@@ -291,6 +298,7 @@ def measure_case(spec: ModelSpec, mode: str, batch_size: int, case: str, device,
         "flops_per_step": flops,
         "mfu": mfu,
         "trainable_params": sum(p.numel() for p in params),
+        "compiled": args.compile if compiled else None,
     }
 
 
@@ -371,7 +379,8 @@ def format_table(results: list[dict]) -> str:
             continue
         speed = time_ratio(results, r["mode"], r["batch_size"], "baseline", r["case"])
         lines.append(head + f" {r['step_time_s'] * 1e3:.1f} | {r['images_per_s']:.3g} | {_fmt(r['peak_memory_gib'], '.2f')} |"
-                     f" {r['flops_per_step'] / 1e12:.4g} | {_fmt(r['mfu'], '.1%')} | {_fmt(speed, '.2f')}x |")
+                     f" {_fmt(r['flops_per_step'] and r['flops_per_step'] / 1e12, '.4g')} | {_fmt(r['mfu'], '.1%')} |"
+                     f" {_fmt(speed, '.2f')}x |")
     return "\n".join(lines)
 
 
@@ -437,12 +446,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="device peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="regional torch.compile of the UNet (sdxl_ambient.compile) in the project's cases; the "
+                        "warm-up steps include the compilation; FLOPs are not counted then")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend of --compile")
     p.add_argument("--out", help="write the results as JSON here (rewritten after every case)")
     args = p.parse_args(argv)
     if not args.tiny and not args.config:
         p.error("--config PATH (SDXL-base's config JSON) is needed unless --tiny")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.compile != "none" and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the first step compiles)")
     if min(args.batch_sizes) < 1:
         p.error("--batch_sizes must be >= 1")
     if not 0 < args.ambient_timestep < 1000:

@@ -99,6 +99,17 @@ def vae_source(vae_path: str) -> dict:
     return {"pretrained_model_name_or_path": vae_path}
 
 
+def _dtype_key(library: str) -> str:
+    """from_pretrained's precision argument: ``dtype`` from transformers 4.56 and diffusers 0.42, which
+    deprecate ``torch_dtype``; ``torch_dtype`` before."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    since = {"transformers": "4.56", "diffusers": "0.42"}[library]
+    return "dtype" if Version(version(library)) >= Version(since) else "torch_dtype"
+
+
 def freeze(*models) -> None:
     for model in models:
         if model is not None:
@@ -111,10 +122,19 @@ def load_components(
     variant: str | None = None,
     pretrained_vae_model_name_or_path: str | None = None,
     freeze_all: bool = True,
+    unet_dtype: torch.dtype | None = None,
+    text_encoder_dtype: torch.dtype | None = None,
+    load_unet: bool = True,
 ) -> SDXLComponents:
     """Load every SDXL part from a diffusers folder or Hub id (safetensors only, no remote code).
 
-    The training scheduler is a ``DDPMScheduler`` built from the model's scheduler config."""
+    The training scheduler is a ``DDPMScheduler`` built from the model's scheduler config.
+
+    ``unet_dtype`` / ``text_encoder_dtype``: load those parts directly in this precision (the
+    training precision of frozen weights: a LoRA's base UNet, the text encoders). Left None,
+    diffusers makes the UNet float32 whatever its files hold: 10.3 GB for SDXL-base where bf16
+    takes 5.1 GB, and a fp16 file is read beside it. A full fine-tune keeps None (fp32 masters).
+    ``load_unet=False`` leaves ``unet`` None, for jobs that only encode (``corrupt``)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -124,16 +144,18 @@ def load_components(
         name = str(Path(name).expanduser())
     common = dict(revision=revision)
     weights = dict(common, variant=variant, use_safetensors=True)
+    te_weights = {**weights, **({_dtype_key("transformers"): text_encoder_dtype} if text_encoder_dtype else {})}
+    unet_weights = {**weights, **({_dtype_key("diffusers"): unet_dtype} if unet_dtype else {})}
     vae_id = pretrained_vae_model_name_or_path
     vae_kwargs = {**vae_source(vae_id), "use_safetensors": True} if vae_id else \
         {"pretrained_model_name_or_path": name, "subfolder": "vae", **weights}
     components = SDXLComponents(
         tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer", use_fast=False, **common),
         tokenizer_2=AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", use_fast=False, **common),
-        text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **weights),
+        text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **te_weights),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", **te_weights),
         vae=AutoencoderKL.from_pretrained(**vae_kwargs),
-        unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights),
+        unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", **unet_weights) if load_unet else None,
         noise_scheduler=DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common),
         model_id=pretrained_model_name_or_path,
         vae_id=vae_id,

@@ -202,7 +202,7 @@ def posterior_step(x0_pred, sample, timesteps, prev_timesteps, noise, alphas_cum
 
 def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, anchor_x0=None,
                      num_steps=1, min_delta=1, max_delta=100, weight=1.0,
-                     anchor_grad=True, chain_grad=False, generator=None):
+                     anchor_grad=True, chain_grad=False, generator=None, delta=None, chain_noise=None):
     """Consistency of the model with its own reverse process, per sample, shape (B,).
 
     From x_t, two independent chains of ``num_steps`` stochastic DDPM-posterior steps, each
@@ -219,6 +219,10 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     batched call per step. ``anchor_grad``: the anchor carries gradients; ``chain_grad``: the
     chain's intermediate steps carry gradients. The final predictions h(x'_i, s) always do.
 
+    ``delta`` (B,) and ``chain_noise`` (``num_steps`` tensors of the chains' shape, 2B x ...) are the
+    random draws, made here from ``generator`` in that order when not given; given, the loss is a
+    deterministic function of its inputs (what a compiled step needs: no generator inside).
+
     ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
     term helps only where it reaches below t_n: weight = w * (t < t_n + max_delta) with
     anchor_grad=False sampled closer to the clean data, while a constant weight on every t
@@ -234,7 +238,8 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
             anchor_x0 = denoiser(sample, timesteps)
     anchor = anchor_x0 if anchor_grad else anchor_x0.detach()
 
-    delta = torch.randint(min_delta, max_delta + 1, (b,), generator=generator, device=gen_device).to(device)
+    if delta is None:
+        delta = torch.randint(min_delta, max_delta + 1, (b,), generator=generator, device=gen_device).to(device)
     t = timesteps.long()
     s = (t - delta).clamp(min=0)
     t2, s2 = t.repeat(2), s.repeat(2)
@@ -249,7 +254,10 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
             if k > 1:
                 x0 = denoiser(x, current)
             nxt = t2 - ((t2 - s2) * k) // num_steps
-            noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+            if chain_noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+            else:
+                noise = chain_noise[k - 1]
             x = posterior_step(x0, x, current, nxt, noise, alphas_cumprod)
             current = nxt
     if not chain_grad:

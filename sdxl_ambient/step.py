@@ -49,11 +49,30 @@ def conditioned_unet(unet, prompt_embeds, pooled_prompt_embeds, time_ids, dtype=
 
 
 @dataclass
+class StepDraws:
+    """The random draws of one step, made before the model runs (``AmbientObjective.draw``).
+
+    ``timesteps`` t ~ U{t_n..T-1} and ``noise`` renoise the observation to x_t. With the consistency
+    term: ``consistency_timesteps`` t_c and ``consistency_noise`` give x_tc, ``delta`` the chains'
+    lengths and ``chain_noise`` one (2B, ...) draw per chain step. Given the draws, the losses are a
+    deterministic function of the batch and the weights: no generator inside, so the part that runs
+    the model can be compiled whole and replayed (CUDA graphs)."""
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    consistency_timesteps: torch.Tensor | None = None
+    consistency_noise: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    chain_noise: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
 class AmbientObjective:
     """The ambient objective of one step: Tweedie loss above t_n, consistency below it.
 
     ``__call__(net, observed, observed_timesteps)`` returns per-sample losses (B,) under the keys
-    "loss" (what to minimise), "ambient" and "consistency".
+    "loss" (what to minimise), "ambient" and "consistency". It is ``draw`` (every random number of
+    the step, from ``generator``) followed by ``losses`` (no randomness).
 
     The consistency term draws its own t_c ~ U{t_n, ..., t_n + max_delta - 1} (x_tc renoised from
     the same observation), so its chains of length delta <= max_delta reach below t_n, where the
@@ -72,34 +91,58 @@ class AmbientObjective:
     num_train_timesteps: int = 1000
 
     def __call__(self, net: Net, observed, observed_timesteps, *, generator=None, use_consistency=True):
+        draws = self.draw(observed, observed_timesteps, generator=generator, use_consistency=use_consistency)
+        return self.losses(net, observed, observed_timesteps, draws)
+
+    def draw(self, observed, observed_timesteps, *, generator=None, use_consistency=True) -> StepDraws:
+        """Every random number of a step, on the batch's device, in a fixed order from ``generator``."""
+        t = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator)
+        noise = torch.randn(observed.shape, generator=generator, device=observed.device, dtype=torch.float32)
+        if not (use_consistency and self.consistency_weight > 0):
+            return StepDraws(t, noise)
+        return StepDraws(t, noise, *self._consistency_draws(observed, observed_timesteps, generator))
+
+    def _consistency_draws(self, observed, observed_timesteps, generator):
+        """(t_c, noise of x_tc, delta, chain noise per step), in the order ``consistency_loss`` draws them."""
+        gen_device = generator.device if generator is not None else observed.device
+        t_c = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator,
+                             window=self.consistency_max_delta)
+        noise_c = torch.randn(observed.shape, generator=generator, device=observed.device, dtype=torch.float32)
+        b = observed.shape[0]
+        delta = torch.randint(1, self.consistency_max_delta + 1, (b,), generator=generator, device=gen_device)
+        chain_shape = (2 * b, *observed.shape[1:])
+        chain = tuple(torch.randn(chain_shape, generator=generator, device=gen_device, dtype=torch.float32).to(observed.device)
+                      for _ in range(self.consistency_steps))
+        return t_c, noise_c, delta.to(observed.device), chain
+
+    def losses(self, net: Net, observed, observed_timesteps, draws: StepDraws) -> dict[str, torch.Tensor]:
+        """The per-sample losses of a step from its ``draws``; the consistency term when they hold its draws."""
         abar = self.alphas_cumprod.to(observed.device)
         y = observed.float()
-        t = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator)
-        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
-        x_t = renoise(y, observed_timesteps, t, noise, abar)
-        out = net(x_t, t)
-        ambient = ambient_tweedie_loss(out, x_t, y, t, observed_timesteps, abar,
+        x_t = renoise(y, observed_timesteps, draws.timesteps, draws.noise, abar)
+        out = net(x_t, draws.timesteps)
+        ambient = ambient_tweedie_loss(out, x_t, y, draws.timesteps, observed_timesteps, abar,
                                        prediction_type=self.prediction_type, weighting=self.weighting,
                                        weight_cap=self.weight_cap)
         losses = {"ambient": ambient, "loss": ambient}
-        if use_consistency and self.consistency_weight > 0:
-            losses["consistency"] = cons = self.consistency(net, y, observed_timesteps, abar, generator)
+        if draws.delta is not None:
+            losses["consistency"] = cons = self.consistency(net, y, observed_timesteps, abar, draws=draws)
             losses["loss"] = ambient + cons
         return losses
 
-    def consistency(self, net: Net, y, observed_timesteps, abar, generator=None):
-        """The consistency term from x_tc just above t_n (per sample, (B,))."""
+    def consistency(self, net: Net, y, observed_timesteps, abar, generator=None, draws: StepDraws | None = None):
+        """The consistency term from x_tc just above t_n (per sample, (B,)); its random numbers from
+        ``draws`` (``draw``), else from ``generator``."""
         def denoiser(x, tt):
             return x0_from_model_output(net(x, tt), x, tt, abar, self.prediction_type)
 
-        t_c = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator,
-                             window=self.consistency_max_delta)
-        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
-        x_c = renoise(y, observed_timesteps, t_c, noise, abar)
+        if draws is None or draws.delta is None:
+            draws = StepDraws(None, None, *self._consistency_draws(y, observed_timesteps, generator))
+        x_c = renoise(y, observed_timesteps, draws.consistency_timesteps, draws.consistency_noise, abar)
         weight = self.consistency_weight * (observed_timesteps > 0).float()
-        return consistency_loss(denoiser, x_c, t_c, abar, num_steps=self.consistency_steps,
+        return consistency_loss(denoiser, x_c, draws.consistency_timesteps, abar, num_steps=self.consistency_steps,
                                 max_delta=self.consistency_max_delta, weight=weight, anchor_grad=False,
-                                generator=generator)
+                                delta=draws.delta, chain_noise=draws.chain_noise)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from helpers import ROOT
 # Lowest first. A module may import modules of lower layers only; commands may also use each
 # other's functions (the demo runs the trainer and the memorisation report).
 LAYERS = [
-    {"errors", "files", "durable", "text", "lora_formats"},
+    {"errors", "files", "durable", "text", "lora_formats", "compile"},
     {"objectives", "images", "tiny"},
     {"step", "data", "sampling", "models", "checkpointing", "hub", "validation", "evaluation.features",
      "evaluation.report"},
