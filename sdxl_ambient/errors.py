@@ -2,12 +2,20 @@
 
 Library code raises :class:`UserError` for anything the user can fix (a bad flag, a missing or
 broken file, a folder in the way); the command entry points print it as one line and exit with
-status 2. Every other exception is a bug and keeps its traceback.
+status 2. Every other exception is a bug and keeps its traceback. Ctrl-C outside training's own
+handling is one line and exit status 130.
+
+Under ``accelerate launch`` the launcher adds its own traceback after a failed training process
+unless it is given ``--quiet``; with several processes, the line is also written to the error file
+torch's launcher reads (``TORCHELASTIC_ERROR_FILE``), so its failure summary shows it as the cause.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -16,12 +24,34 @@ class UserError(ValueError):
 
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def _tell_the_launcher(line: str) -> None:
+    """The line as the cause in torch elastic's failure summary (``accelerate launch`` with several processes)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as fh:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, fh)
+    except OSError:
+        pass
 
 
 def exit_code_of(main: Callable[[], int | None]) -> int:
-    """Run a command's main; a :class:`UserError` becomes one line on stderr and exit status 2."""
+    """Run a command's main; a :class:`UserError` becomes one line on stderr and exit status 2, a
+    Ctrl-C one line and 130."""
     try:
         return main() or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        line = f"error: {err}"
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt as interrupt:
+        line = f"interrupted: {interrupt}" if str(interrupt) else "interrupted (Ctrl-C)"
+        code = EXIT_INTERRUPTED
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    _tell_the_launcher(line)
+    return code

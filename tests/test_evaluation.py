@@ -198,4 +198,5 @@ def test_quality_command_with_clip_score(tiny_pipeline_dir, dino_dir, clip_dir, 
     clip = ClipImageEmbedder(clip_dir, device="cpu")
     assert clip(load_images([gen / "00000.png"])).shape == (1, 16)
     assert_one_line_error(capsys, main(["quality", "--generated", str(gen), "--reference", str(tmp_path / "none"),
-                                        "--embedder", str(dino_dir), "--output_dir", str(out)]), "--reference", "no such folder")
+                                        "--embedder", str(dino_dir), "--output_dir", str(tmp_path / "q2")]), "--reference",
+                          "no such folder")

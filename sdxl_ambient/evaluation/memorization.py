@@ -271,8 +271,11 @@ def parse_truncation(specs: Sequence[str] | None, names: Sequence[str]) -> dict[
     return out
 
 
+REPORT_FILES = ("memorization.json", "memorization.md", "histogram.png", "top_matches.png", "noise_attack.png")
+
+
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_model_arguments, add_sampling_arguments
+    from sdxl_ambient.config import add_model_arguments, add_output_folder_arguments, add_sampling_arguments
 
     parser.add_argument("--train_data_dir", required=True,
                         help="the fine-tuning images (metadata.jsonl or .txt captions, as training reads them)")
@@ -288,7 +291,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attack_timestep", type=int, default=900)
     parser.add_argument("--attack_steps", type=int, default=50, help="DDIM steps of the full reconstruction")
     parser.add_argument("--top_k", type=int, default=8, help="closest pairs shown per model in top_matches.png")
-    parser.add_argument("--output_dir", required=True)
+    add_output_folder_arguments(parser)
     add_model_arguments(parser, base=False)
     add_sampling_arguments(parser)
 
@@ -344,17 +347,25 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], train_data_dir
 
 
 def run(args) -> int:
+    from sdxl_ambient.outputs import OutputFolder
+
     specs = [parse_model_spec(s) for s in args.model]
-    paths = evaluate_models(
-        specs, args.train_data_dir, args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
-        caption_column=args.caption_column, truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
-        num_images=args.num_images, num_attack_images=args.num_attack_images, attack_timestep=args.attack_timestep,
-        attack_steps=args.attack_steps, top_k=args.top_k, seed=args.seed, resolution=args.resolution,
-        batch_size=args.batch_size, device=args.device,
-        pipeline_kwargs=dict(vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision,
-                             variant=args.variant, scheduler=args.scheduler, dtype=args.dtype),
-        sample_kwargs=dict(jump_margin=args.jump_margin, num_inference_steps=args.num_inference_steps,
-                           guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt),
-        settings=vars(args))
+    inputs = [("--train_data_dir", args.train_data_dir), ("--embedder", args.embedder), ("--clip_model", args.clip_model),
+              ("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path),
+              *[("--model", path) for _, base, lora in specs for path in (base, lora)]]
+    folder = OutputFolder(args.output_dir, command="memorization", writes=REPORT_FILES)
+    with folder.checked_and_locked(inputs, args.overwrite_output_dir):
+        folder.start(clear=folder.own())
+        paths = evaluate_models(
+            specs, args.train_data_dir, args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
+            caption_column=args.caption_column, truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
+            num_images=args.num_images, num_attack_images=args.num_attack_images, attack_timestep=args.attack_timestep,
+            attack_steps=args.attack_steps, top_k=args.top_k, seed=args.seed, resolution=args.resolution,
+            batch_size=args.batch_size, device=args.device,
+            pipeline_kwargs=dict(vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision,
+                                 variant=args.variant, scheduler=args.scheduler, dtype=args.dtype),
+            sample_kwargs=dict(jump_margin=args.jump_margin, num_inference_steps=args.num_inference_steps,
+                               guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt),
+            settings=vars(args))
     print(f"report: {paths['markdown']}")
     return 0
