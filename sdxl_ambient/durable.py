@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
-# What a write that the disk refused looks like in the libraries that write our files.
+# A write the disk refused, as the libraries that write our files report it.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
-_WRITE_MESSAGES = ("unexpected pos", "PytorchStreamWriter failed", "I/O error", "No space left", "File too large")
+_OS_ERROR = re.compile(r"I/O error: (.+?) \(os error (\d+)\)")  # safetensors
+_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed")  # torch's zip writer
 
 
 def fsync_dir(folder: Path) -> None:
@@ -37,13 +39,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_failure(exc: BaseException) -> str | None:
-    """Why a write failed, when ``exc`` is the disk refusing it (full, over quota, read-only, an I/O
-    error); None for any other error. torch's zip writer reports a short write only as
-    ``unexpected pos N vs M``, safetensors as ``I/O error: ...``."""
+    """Why a write failed, when ``exc`` is the disk refusing it (full, over quota, over the file
+    size limit, read-only, an I/O error); None for any other error."""
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         return os.strerror(exc.errno)
     text = str(exc)
-    if isinstance(exc, (RuntimeError, OSError)) or type(exc).__name__ == "SafetensorError":
-        if any(message in text for message in _WRITE_MESSAGES):
-            return f"the disk refused a write ({text.splitlines()[0][:160]})"
+    found = _OS_ERROR.search(text)
+    if found and int(found.group(2)) in _WRITE_ERRNOS:
+        return found.group(1)
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _SHORT_WRITE):
+        return "a write was cut short (no space left, or over a size limit)"
     return None

@@ -23,6 +23,10 @@ class UserError(ValueError):
     """A mistake in what the user gave; the message names the flag or file and what to do."""
 
 
+class ReportedElsewhere(UserError):
+    """A :class:`UserError` that the main process found and prints; another process exits with it quietly."""
+
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
@@ -46,12 +50,11 @@ def exit_code_of(main: Callable[[], int | None]) -> int:
     try:
         return main() or 0
     except UserError as err:
-        line = f"error: {err}"
-        code = EXIT_USER_ERROR
+        line, code, shown = f"error: {err}", EXIT_USER_ERROR, not isinstance(err, ReportedElsewhere)
     except KeyboardInterrupt as interrupt:
-        line = f"interrupted: {interrupt}" if str(interrupt) else "interrupted (Ctrl-C)"
-        code = EXIT_INTERRUPTED
+        line, code, shown = f"interrupted: {interrupt}" if str(interrupt) else "interrupted (Ctrl-C)", EXIT_INTERRUPTED, True
     sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
+    if shown:
+        print(line, file=sys.stderr, flush=True)
     _tell_the_launcher(line)
     return code

@@ -23,7 +23,7 @@ import torch
 from sdxl_ambient import checkpointing
 from sdxl_ambient.config import RESUME_RESOLVED_FLAGS, RESUME_SAFE_FLAGS, TrainConfig, input_paths, load_train_config
 from sdxl_ambient.durable import write_failure
-from sdxl_ambient.errors import UserError, exit_code_of
+from sdxl_ambient.errors import ReportedElsewhere, UserError, exit_code_of
 from sdxl_ambient.files import (
     LORA_FILES,
     LORA_WEIGHT_NAME,
@@ -358,7 +358,7 @@ def on_main_process(accelerator, check):
 
         error = broadcast_object_list([error])[0]
     if error is not None:
-        raise UserError(error)
+        raise UserError(error) if accelerator.is_main_process else ReportedElsewhere(error)
     return value
 
 

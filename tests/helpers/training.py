@@ -85,11 +85,12 @@ def record_steps(monkeypatch) -> list[int]:
 
 
 def snapshot(folder) -> dict:
-    """Every file under ``folder`` with its bytes and modification time: equal snapshots, nothing written."""
+    """Every file and folder under ``folder``, a file with its bytes and modification time: equal
+    snapshots, nothing created, changed or removed (a lock taken and released leaves none)."""
     root = Path(folder)
     if not root.exists():
         return {}
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "folder"
             for p in sorted(root.rglob("*"))}
 
 
