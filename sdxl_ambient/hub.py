@@ -237,11 +237,13 @@ def _api(api, token):
     return HfApi(token=token)
 
 
-def push_final(output_dir, repo_id: str, *, token: str | None = None, private: bool = False, api=None):
-    """Create (or reuse) the model repo and upload :func:`final_upload_files` in one commit."""
+def push_final(output_dir, repo_id: str, *, token: str | None = None, private: bool = False, api=None,
+               exclude=()):
+    """Create (or reuse) the model repo and upload :func:`final_upload_files` in one commit, leaving
+    out those under the top-level names ``exclude`` (files the run did not write)."""
     token = resolve_token(token)
     api = _api(api, token)
-    files = final_upload_files(output_dir)
+    files = [f for f in final_upload_files(output_dir) if f.split("/")[0] not in set(exclude)]
     if not files:
         raise FileNotFoundError(f"{output_dir}: nothing to upload (no weights, card or images)")
     repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, token=token)

@@ -684,7 +684,8 @@ def finish(run: Run, step: int) -> None:
         if run.pusher is not None:
             run.pusher.close()
         if flags.push_to_hub:
-            hub.push_final(flags.output_dir, flags.hub_model_id or Path(flags.output_dir).name, private=flags.hub_private_repo)
+            hub.push_final(flags.output_dir, flags.hub_model_id or Path(flags.output_dir).name, private=flags.hub_private_repo,
+                           exclude=run.output.foreign())  # never the user's files beside ours
     accelerator.end_training()
 
 

@@ -128,7 +128,8 @@ def test_a_folder_holding_files_the_command_did_not_write_is_refused(no_work, ca
     out.mkdir()
     (out / USER_FILE).write_text("my notes")
     before = snapshot(out)
-    line = assert_one_line_error(capsys, run(command(places, out)), f"--output_dir {out} holds", USER_FILE)
+    line = assert_one_line_error(capsys, run(command(places, out)), f"--output_dir {out} holds files sdxl-ambient",
+                                 "did not write", USER_FILE, "--overwrite_output_dir" if command is not corrupt else "")
     assert "delete" not in line
     assert snapshot(out) == before
 
@@ -180,6 +181,35 @@ def test_with_the_flag_a_command_writes_beside_the_users_files_and_never_touches
     written_by = json.loads((out / OUTPUT_RECORD).read_text())["written_by"]
     assert written_by["metadata.jsonl"] == "generate" and written_by["README.md"] == "train"
     assert USER_FILE not in written_by and "photos" not in written_by
+
+
+def test_a_push_to_the_hub_leaves_out_the_users_files(monkeypatch, places, tmp_path):
+    """Trained with --overwrite_output_dir into a folder of the user's images: the final push uploads the
+    run's weights, card and samples, never the user's images beside them."""
+    import huggingface_hub
+
+    uploaded = []
+
+    class RecordingApi:
+        def __init__(self, token=None, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return None
+
+        def upload_folder(self, *, allow_patterns, **kwargs):
+            uploaded.extend(allow_patterns)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    out = tmp_path / "mine"
+    (out / "photos").mkdir(parents=True)
+    for name in ("photos/holiday.jpg", "portrait.png"):
+        (out / name).write_bytes(next(DEMO_IMAGES.glob("*.jpg")).read_bytes())
+    assert run(train(places, out, "--overwrite_output_dir", "--push_to_hub", "--hub_model_id", "me/m",
+                     "--validation_prompt", "a cat", "--num_validation_images", "1", "--validation_steps", "100",
+                     "--validation_inference_steps", "1", steps=1)) == 0
+    assert "pytorch_lora_weights.safetensors" in uploaded and "samples/sample_0.png" in uploaded
+    assert not [f for f in uploaded if f.startswith(("photos", "portrait"))]
 
 
 def test_a_rerun_replaces_its_earlier_results_only_when_asked_and_leaves_nothing_stale(capsys, caplog, places, tmp_path):

@@ -18,15 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
-from helpers.training import (
-    LORA_FILE,
-    launch_command,
-    lora_weights,
-    record_steps,
-    run_inprocess,
-    subprocess_env,
-    tiny_args,
-)
+from helpers.training import LORA_FILE, launch_command, lora_weights, record_steps, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
 
 STEPS = 42  # not a multiple of the 4 steps per epoch (8 images, batch 2): the last epoch is partial

@@ -16,15 +16,7 @@ import pytest
 import torch
 
 from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
-from helpers.training import (
-    cli_inprocess,
-    launch_command,
-    lora_weights,
-    record_steps,
-    run_inprocess,
-    subprocess_env,
-    tiny_args,
-)
+from helpers.training import cli_inprocess, launch_command, lora_weights, record_steps, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
 
 NEVER = ("--checkpointing_steps", "1000")  # checkpoints come only from the stop or the failure under test
