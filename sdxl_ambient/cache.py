@@ -121,6 +121,12 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
     return manifest
 
 
+def is_complete(cache_dir: str | os.PathLike) -> bool:
+    """Whether ``cache_dir`` holds a complete latent cache (one that is only read from now on)."""
+    manifest = read_manifest(cache_dir)
+    return bool(manifest and manifest.get("complete"))
+
+
 def is_latent_dataset(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a noisy-latent dataset (a cache or the output of ``corrupt``)."""
     return (Path(folder) / MANIFEST).is_file() and read_manifest(folder) is not None

@@ -53,18 +53,26 @@ def add_model_arguments(parser, *, base: bool = True, required: bool = False) ->
     g.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
 
 
-def add_data_arguments(parser) -> None:
-    """Where the images come from and how each becomes a training example (training and ``corrupt``)."""
+def add_data_source_arguments(parser) -> None:
+    """Where the training images and captions come from (training, ``corrupt`` and ``memorization``
+    read them alike: :func:`data_source`)."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None, help="A Hub dataset (or a folder load_from_disk reads).")
     g.add_argument("--dataset_config_name", type=str, default=None)
     g.add_argument("--train_data_dir", type=str, default=None,
-                   help="Image folder with metadata.jsonl (or .txt captions), or a noisy-latent dataset from `sdxl-ambient corrupt`.")
+                   help="Image folder with metadata.jsonl (or .txt captions) or a save_to_disk folder; for training, "
+                        "also a noisy-latent dataset from `sdxl-ambient corrupt`.")
     g.add_argument("--image_column", type=str, default="image")
     g.add_argument("--caption_column", type=str, default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--skip_broken_images", action="store_true", help="Skip unreadable images (each is reported) instead of stopping.")
     g.add_argument("--allow_empty_captions", action="store_true")
+
+
+def add_data_arguments(parser) -> None:
+    """Where the images come from and how each becomes a training example (training and ``corrupt``)."""
+    add_data_source_arguments(parser)
+    g = parser.add_argument_group("examples")
     g.add_argument("--resolution", type=int, default=1024)
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
@@ -84,6 +92,12 @@ def add_noise_arguments(parser, *, required: bool = False) -> None:
                    help="Seeds each example's fixed noise (and its VAE sample, crop and flip). Default: a fresh secret "
                         "seed, kept only until the latent cache is complete. Whoever knows it can remove the noise: "
                         "give one only to rebuild identically, and keep it private. Never written to settings or logs.")
+
+
+def add_hub_arguments(parser) -> None:
+    """The Hub repo a run pushes to (training and ``push``)."""
+    parser.add_argument("--hub_model_id", type=str, default=None, help="The Hub repo (default: the output folder's name).")
+    parser.add_argument("--hub_private_repo", action="store_true")
 
 
 def add_device_argument(parser) -> None:
@@ -177,9 +191,9 @@ def _add_output_arguments(parser) -> None:
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=500)
     g.add_argument("--validation_inference_steps", type=int, default=25)
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", type=str, default=None)
-    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Create the Hub repo at the start (a token and the Hub checked before any model loads), push at the end.")
+    add_hub_arguments(g)
     g.add_argument("--push_checkpoints_to_hub", action="store_true",
                    help="Upload each checkpoint's weights in the background (subfolder checkpoint-STEP).")
     g.add_argument("--hub_checkpoint_mode", type=str, default="subfolder", choices=["subfolder", "branch"],

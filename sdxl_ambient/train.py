@@ -328,6 +328,7 @@ class Run:
     output: OutputFolder
     fingerprint: dict
     val_prompts: dict | None = None
+    hub_repo: str | None = None  # with --push_to_hub, on the main process: the repo, created at the start
     pusher: Any = None
     stop_signal: list = field(default_factory=list)
     saved_step: int = -1  # the step of the last checkpoint this run saved
@@ -364,11 +365,12 @@ def on_main_process(accelerator, check):
 
 def check_inputs(cfg: TrainConfig, resolved: Resolved, resume_path, accelerator, held: contextlib.ExitStack):
     """Everything that needs no model, before any loads (main process): the output and cache folders
-    (locked for the run's life, in ``held``), the model folder's files, every image and caption, and
-    that the checkpoint to resume belongs to this run. Nothing is written but the locks. Returns the
-    checked images (None for a noisy-latent dataset, used as is)."""
+    (locked for the run's life, in ``held``; a complete cache is only read and not locked), the model folder's files, every image and caption, and
+    that the checkpoint to resume belongs to this run; then, with --push_to_hub, the Hub repo. Nothing
+    is written but the locks (and the Hub repo). Returns the checked images (None for a noisy-latent
+    dataset, used as is) and the Hub repo to push to (None without --push_to_hub)."""
     from sdxl_ambient import cache as caches
-    from sdxl_ambient import models
+    from sdxl_ambient import hub, models
     from sdxl_ambient.data import load_training_images
 
     flags, dataset = cfg.flags, caches.uses_latent_dataset(cfg.source)
@@ -379,7 +381,8 @@ def check_inputs(cfg: TrainConfig, resolved: Resolved, resume_path, accelerator,
     held.enter_context(output.locked())
     check_output_dir(flags, output, resume_path)
     if not dataset:
-        held.enter_context(cache.locked())
+        if not caches.is_complete(cfg.cache.cache_dir):  # a complete cache is only read: runs may share it
+            held.enter_context(cache.locked())
         cache.check_foreign(overwrite=False, overwrite_flag=None)  # nothing but a latent cache
     models.check_pipeline_files(flags.pretrained_model_name_or_path, revision=flags.revision, variant=flags.variant)
     if dataset:
@@ -395,7 +398,10 @@ def check_inputs(cfg: TrainConfig, resolved: Resolved, resume_path, accelerator,
                             f"--cache_dir {cfg.cache.cache_dir}, and a new one would carry new noise: give the "
                             "--cache_dir that holds it (or the --noise_seed it was made with), or start a new run")
         checkpointing.check_resumable(resume_path, run_fingerprint(cfg, resolved, expected, accelerator))
-    return images
+    hub_repo = None  # --push_to_hub: a token, the Hub and the repo, checked (the repo created) once all else passed
+    if flags.push_to_hub:
+        hub_repo = hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
+    return images, hub_repo
 
 
 def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
@@ -411,7 +417,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     accelerator = make_accelerator(flags)
     resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
     resolved = resolve(cfg, resume_path, accelerator)
-    images = on_main_process(accelerator, lambda: check_inputs(cfg, resolved, resume_path, accelerator, held))
+    checked = on_main_process(accelerator, lambda: check_inputs(cfg, resolved, resume_path, accelerator, held))
+    images, hub_repo = checked or (None, None)  # the other processes neither build the cache nor push
     set_seed(resolved.seed)
     if flags.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -467,7 +474,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
                steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path,
                output=output_folder(flags, cfg.cache.cache_dir),
                fingerprint=run_fingerprint(cfg, resolved, latent_data_fingerprint(cache.manifest), accelerator),
-               val_prompts=val_prompts)
+               val_prompts=val_prompts, hub_repo=hub_repo)
 
 
 def start_outputs(run: Run) -> None:
@@ -485,7 +492,7 @@ def start_outputs(run: Run) -> None:
     accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
                                                       if isinstance(v, (int, float, str, bool))})
     if flags.push_checkpoints_to_hub:
-        run.pusher = hub.CheckpointPusher(flags.hub_model_id or Path(flags.output_dir).name, mode=flags.hub_checkpoint_mode,
+        run.pusher = hub.CheckpointPusher(run.hub_repo, mode=flags.hub_checkpoint_mode,
                                           include_training_state=flags.push_training_state, private=flags.hub_private_repo)
 
 
@@ -660,11 +667,13 @@ def validate(run: Run, step: int, final: bool = False):
 
 
 def finish(run: Run, step: int) -> None:
-    """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push."""
+    """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push.
+    A failed push keeps everything written and ends the run with a one-line error saying how to push later."""
     from sdxl_ambient import hub, models
     from sdxl_ambient.data import public_name
 
     accelerator, flags = run.accelerator, run.flags
+    push_failed = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if run.ema is not None:
@@ -676,17 +685,19 @@ def finish(run: Run, step: int) -> None:
         else:
             models.save_full_pipeline(flags.output_dir, run.components, unet)
         images = validate(run, step, final=True) if run.val_prompts is not None else []
-        card = hub.model_card(repo_id=flags.hub_model_id or Path(flags.output_dir).name,
+        card = hub.model_card(repo_id=run.hub_repo or hub.default_repo_id(flags.hub_model_id, flags.output_dir),
                               base_model=public_name(flags.pretrained_model_name_or_path),
                               settings={**vars(flags), **run.resolved.as_dict()}, finetune=flags.finetune,
                               image_paths=images, validation_prompt=flags.validation_prompt, output_dir=flags.output_dir)
         (Path(flags.output_dir) / MODEL_CARD).write_text(card)
         if run.pusher is not None:
             run.pusher.close()
-        if flags.push_to_hub:
-            hub.push_final(flags.output_dir, flags.hub_model_id or Path(flags.output_dir).name, private=flags.hub_private_repo,
-                           exclude=run.output.foreign())  # never the user's files beside ours
+        if run.hub_repo is not None:  # never the user's files beside ours
+            push_failed = hub.try_push_final(flags.output_dir, run.hub_repo, private=flags.hub_private_repo,
+                                             exclude=run.output.foreign())
     accelerator.end_training()
+    if push_failed:
+        raise UserError(push_failed)
 
 
 # ----------------------------------------------------------------------------- the loop

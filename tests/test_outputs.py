@@ -184,10 +184,11 @@ def test_with_the_flag_a_command_writes_beside_the_users_files_and_never_touches
 
 
 def test_a_push_to_the_hub_leaves_out_the_users_files(monkeypatch, places, tmp_path):
-    """Trained with --overwrite_output_dir into a folder of the user's images: the final push uploads the
-    run's weights, card and samples, never the user's images beside them."""
+    """Trained with --overwrite_output_dir into a folder of the user's images: the final push, and
+    `sdxl-ambient push` afterwards, upload the run's weights, card and samples, never the user's images."""
     import huggingface_hub
 
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     uploaded = []
 
     class RecordingApi:
@@ -195,7 +196,7 @@ def test_a_push_to_the_hub_leaves_out_the_users_files(monkeypatch, places, tmp_p
             pass
 
         def create_repo(self, repo_id, **kwargs):
-            return None
+            return type("Repo", (), {"repo_id": repo_id})()
 
         def upload_folder(self, *, allow_patterns, **kwargs):
             uploaded.extend(allow_patterns)
@@ -210,6 +211,9 @@ def test_a_push_to_the_hub_leaves_out_the_users_files(monkeypatch, places, tmp_p
                      "--validation_inference_steps", "1", steps=1)) == 0
     assert "pytorch_lora_weights.safetensors" in uploaded and "samples/sample_0.png" in uploaded
     assert not [f for f in uploaded if f.startswith(("photos", "portrait"))]
+    first, uploaded[:] = list(uploaded), []
+    assert main(["push", "--output_dir", str(out), "--hub_model_id", "me/m"]) == 0
+    assert sorted(uploaded) == sorted(first)
 
 
 def test_a_rerun_replaces_its_earlier_results_only_when_asked_and_leaves_nothing_stale(capsys, caplog, places, tmp_path):
