@@ -165,6 +165,17 @@ def test_the_demo_refuses_a_folder_of_the_users(no_work, capsys, tmp_path):
     assert snapshot(out) == before
 
 
+def test_the_tiny_pipeline_writes_nothing_beside_its_folder(tmp_path):
+    """`make-tiny` (and so the demo) wrote scratch tokenizer files into the folder above its own,
+    over a user's `tokenizer/` there."""
+    mine = tmp_path / "mine"
+    (mine / "tokenizer").mkdir(parents=True)
+    (mine / "tokenizer" / "vocab.json").write_text("the user's vocabulary")
+    before = snapshot(mine)
+    assert main(["make-tiny", str(mine / "tiny")]) == 0
+    assert {k: v for k, v in snapshot(mine).items() if not k.startswith("tiny")} == before
+
+
 def test_with_the_flag_a_command_writes_beside_the_users_files_and_never_touches_them(capsys, places, tmp_path):
     """generate and train into a folder holding the user's files, with --overwrite_output_dir: their own
     outputs are written, the user's files are byte for byte and time for time as they were."""
