@@ -558,9 +558,9 @@ class CacheSettings:
     noise_seed: str | None = None
 
 
-def cache_folder(cache_dir, flag: str = "--cache_dir") -> OutputFolder:
-    """A cache folder as an output folder: its own files recognised by name, anything else refused."""
-    return OutputFolder(cache_dir, command="latent cache", writes=CACHE_FILES, flag=flag, recognise_by_name=True)
+def cache_folder(cache_dir, flag: str = "--cache_dir", command: str = "train") -> OutputFolder:
+    """A cache folder as the output folder of ``command``: its own files recognised by name, anything else refused."""
+    return OutputFolder(cache_dir, command=command, writes=CACHE_FILES, flag=flag, recognise_by_name=True)
 
 
 def uses_latent_dataset(source: DataSource) -> bool:

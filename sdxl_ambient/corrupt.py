@@ -63,7 +63,7 @@ def run(args) -> int:
     from sdxl_ambient.models import check_pipeline_files, load_components, resolve_device
 
     check_apart("--output_dir", args.output_dir, input_paths(args))
-    output = cache_folder(args.output_dir, "--output_dir")
+    output = cache_folder(args.output_dir, "--output_dir", command="corrupt")
     with output.locked():
         output.check_foreign(overwrite=False, overwrite_flag=None)  # only an unfinished (or finished) dataset of its own
         check_pipeline_files(args.pretrained_model_name_or_path, args.revision, args.variant)
