@@ -130,9 +130,10 @@ def _fail_in_forward(patch):
 
     def failing(self, *args, **kwargs):
         calls.append(1)
+        losses = real(self, *args, **kwargs)  # step 5's timesteps and noise are drawn: its generator moved on
         if len(calls) == 5:
-            raise RuntimeError("planted failure in step 5")
-        return real(self, *args, **kwargs)
+            raise RuntimeError("planted failure in step 5, after its noise was drawn")
+        return losses
 
     patch.setattr(AmbientObjective, "__call__", failing)
 
@@ -170,7 +171,7 @@ def _fail_in_update(patch):
 
 
 @pytest.mark.parametrize("plant, saved", [
-    (_fail_in_forward, [4]),  # steps 1-4 done: step 4 is saved, exactly (its generator state restored)
+    (_fail_in_forward, [4]),  # steps 1-4 done: step 4 is saved, exactly (the generator put back to where step 4 left it)
     (_fail_in_validation, [4]),  # validation after step 4
     (_fail_in_model_card, [6]),  # training done, the model card failed: the last step is saved
     (_fail_in_update, []),  # in the middle of an update no consistent state exists: nothing is saved
