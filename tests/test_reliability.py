@@ -83,6 +83,14 @@ def _group_gone(pgid: int, timeout=60.0) -> None:
     raise TimeoutError(f"process group {pgid} still alive")
 
 
+def _inode(path: Path) -> int | None:
+    """The folder's identity, None once it is gone (a save in progress is renamed into place)."""
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: int) -> tuple[bool, int]:
     """Start `accelerate launch`, wait for a checkpoint newer than the resumed one (``moment="checkpoint"``,
     then ``delay`` seconds) or for a save in progress (``moment="saving"``), then signal the whole process
@@ -90,9 +98,11 @@ def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: in
     the launcher's exit status."""
     start = max([_step(p) for p in checkpointing.list_checkpoints(out)], default=0)
     pattern = "checkpoint-*" if moment == "checkpoint" else ".tmp-checkpoint-*"
+    left = {p.name: _inode(p) for p in out.glob(pattern)}  # a save killed earlier is not this run's
 
     def progressed():
-        return any(_step(p) > start for p in out.glob(pattern) if p.name.rsplit("-", 1)[1].isdigit())
+        return any(_step(p) > start and left.get(p.name) != _inode(p) for p in out.glob(pattern)
+                   if p.name.rsplit("-", 1)[1].isdigit())
 
     with open(log, "w") as fh:
         proc = subprocess.Popen(launch_command(args), cwd=ROOT, env=subprocess_env(), stdout=fh, stderr=fh,
