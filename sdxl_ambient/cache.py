@@ -52,6 +52,7 @@ from sdxl_ambient.data import (
 from sdxl_ambient.durable import atomic_write
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.objectives import add_noise, check_ambient_timestep, observation_abar
+from sdxl_ambient.outputs import OutputFolder
 from sdxl_ambient.text import text_embeddings, tokenize
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ FORMAT = "sdxl-ambient-noisy-latents"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SECRETS = ".secrets.json"
+# Every file a cache folder may hold (shards, manifest, secret, an atomic write in progress): it
+# recognises its own files by these names, and refuses a folder holding anything else.
+CACHE_FILES = (MANIFEST, SECRETS, "shard-*.safetensors", ".*.tmp-*")
 SHARD_SIZE = 256
 ENCODE_BATCH_SIZE = 8
 FP16_VAE_HINT = ("use an fp32 VAE (do not cast the VAE to fp16) or pass "
@@ -115,6 +119,12 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
         raise UserError(f"{path}: cache format version {manifest.get('format_version')}, this version reads "
                          f"{FORMAT_VERSION}; delete {cache_dir} (or use another --cache_dir) to rebuild it")
     return manifest
+
+
+def is_complete(cache_dir: str | os.PathLike) -> bool:
+    """Whether ``cache_dir`` holds a complete latent cache (one that is only read from now on)."""
+    manifest = read_manifest(cache_dir)
+    return bool(manifest and manifest.get("complete"))
 
 
 def is_latent_dataset(folder: str | os.PathLike) -> bool:
@@ -531,14 +541,10 @@ def check_model_family(cache: LatentCache, components) -> None:
                         + "; ".join(_setting_differences(made_with, now)))
 
 
-def adopt_latent_dataset(folder, components, ambient_timestep: int | None) -> LatentCache:
-    """A noisy-latent dataset given as --train_data_dir, used as is; ``ambient_timestep`` None
-    adopts its t_n, a number must equal it."""
+def adopt_latent_dataset(folder, components) -> LatentCache:
+    """A noisy-latent dataset given as --train_data_dir, used as is (its t_n: :func:`training_timestep`)."""
     cache = LatentCache(folder)
     check_model_family(cache, components)
-    if ambient_timestep is not None and ambient_timestep != cache.ambient_timestep:
-        raise UserError(f"--ambient_timestep {ambient_timestep} differs from the t_n = {cache.ambient_timestep} of the "
-                        f"latent dataset {folder}; pass --ambient_timestep {cache.ambient_timestep} (or leave it out)")
     return cache
 
 
@@ -552,18 +558,72 @@ class CacheSettings:
     noise_seed: str | None = None
 
 
-def prepare_cache(source: DataSource, config: DataConfig, settings: CacheSettings, components, accelerator=None) -> LatentCache:
+def cache_folder(cache_dir, flag: str = "--cache_dir", command: str = "train") -> OutputFolder:
+    """A cache folder as the output folder of ``command``: its own files recognised by name, anything else refused."""
+    return OutputFolder(cache_dir, command=command, writes=CACHE_FILES, flag=flag, recognise_by_name=True)
+
+
+def uses_latent_dataset(source: DataSource) -> bool:
+    """Whether --train_data_dir is a noisy-latent dataset (from ``corrupt``), trained on as is."""
+    return bool(source.train_data_dir) and is_latent_dataset(source.train_data_dir)
+
+
+def training_timestep(source: DataSource, settings: CacheSettings) -> int:
+    """The t_n training uses: that of a noisy-latent dataset given as --train_data_dir (a given
+    --ambient_timestep must equal it), else --ambient_timestep, else 0 (clean data)."""
+    if uses_latent_dataset(source):
+        t_n = read_manifest(source.train_data_dir)["settings"]["ambient_timestep"]
+        if settings.ambient_timestep is not None and settings.ambient_timestep != t_n:
+            raise UserError(f"--ambient_timestep {settings.ambient_timestep} differs from the t_n = {t_n} of the "
+                            f"latent dataset {source.train_data_dir}; pass --ambient_timestep {t_n} (or leave it out)")
+        return t_n
+    return 0 if settings.ambient_timestep is None else settings.ambient_timestep
+
+
+def _data_digest(noise_seed_digest: str, examples: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([noise_seed_digest, examples], sort_keys=True).encode()).hexdigest()
+
+
+def latent_data_fingerprint(manifest: dict) -> dict:
+    """What a cache or latent dataset gives training: a digest of its examples (keyed fingerprints,
+    captions) and its noise, its t_n, and how its images became latents (the DataConfig settings)."""
+    settings = manifest["settings"]
+    return {"latent_data": _data_digest(manifest["noise_seed_digest"], manifest["data"]["examples"]),
+            "ambient_timestep": settings["ambient_timestep"],
+            **{key: settings[key] for key in DataConfig.__dataclass_fields__}}
+
+
+def expected_latent_data(source: DataSource, config: DataConfig, settings: CacheSettings,
+                         images: TrainingImages | None) -> dict:
+    """:func:`latent_data_fingerprint` of the data the trainer will use, known before any model loads:
+    a latent dataset's or an existing cache's own, or a new cache's made with --noise_seed. Its
+    "latent_data" is None when a new cache will draw a fresh secret noise seed (new noise)."""
+    if uses_latent_dataset(source):
+        return latent_data_fingerprint(read_manifest(source.train_data_dir))
+    manifest = read_manifest(settings.cache_dir)
+    if settings.noise_seed is not None:
+        digest = _data_digest(seed_digest(settings.noise_seed), data_entries(images, data_key(settings.noise_seed)))
+    elif manifest is not None:  # reused or completed as it is (the build refuses it for other data)
+        digest = _data_digest(manifest["noise_seed_digest"], manifest["data"]["examples"])
+    else:
+        digest = None
+    return {"latent_data": digest, "ambient_timestep": training_timestep(source, settings), **config.as_dict()}
+
+
+def prepare_cache(source: DataSource, config: DataConfig, settings: CacheSettings, components, accelerator=None,
+                  images: TrainingImages | None = None) -> LatentCache:
     """The trainer's one call: a noisy-latent dataset given as --train_data_dir as is, or the
-    cache in ``settings.cache_dir`` built, completed or reused on the main process. The training
-    t_n is the returned cache's ``ambient_timestep``."""
-    if source.train_data_dir and is_latent_dataset(source.train_data_dir):
-        return adopt_latent_dataset(source.train_data_dir, components, settings.ambient_timestep)
-    t_n = 0 if settings.ambient_timestep is None else settings.ambient_timestep
+    cache in ``settings.cache_dir`` built, completed or reused on the main process from ``images``
+    (checked already; read from ``source`` when None). The training t_n is the returned cache's
+    ``ambient_timestep``."""
+    t_n = training_timestep(source, settings)
+    if uses_latent_dataset(source):
+        return adopt_latent_dataset(source.train_data_dir, components)
     device = accelerator.device if accelerator is not None else None
 
     def build():
-        images = load_training_images(source, config)
-        build_cache(settings.cache_dir, images, components, t_n, noise_seed=settings.noise_seed, device=device)
+        checked = images if images is not None else load_training_images(source, config)
+        build_cache(settings.cache_dir, checked, components, t_n, noise_seed=settings.noise_seed, device=device)
 
     if accelerator is None:
         build()

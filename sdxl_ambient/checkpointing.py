@@ -7,7 +7,13 @@
                                      never read, removed on the next save
 
 A folder named checkpoint-STEP is complete by construction (the rename is the last thing a save
-does), so ``latest`` is the complete checkpoint with the highest step.
+does), so ``latest`` is the complete checkpoint with the highest step. A save the disk refuses
+(full, over quota) removes its temporary folder and is one :class:`UserError`.
+
+trainer_state.json holds the step, the seed, the size of every file of the checkpoint (a truncated
+file is named before anything is loaded) and the run's fingerprint: what makes its weights (data,
+t_n, model, what trains, batch, processes, ...). A resume compares the fingerprint and refuses a
+checkpoint of another run, naming each setting that differs (:func:`check_resumable`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdxl_ambient.durable import fsync_dir, fsync_file
+from sdxl_ambient.durable import fsync_dir, fsync_file, write_failure
 from sdxl_ambient.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +66,8 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir) -> Path |
 
 def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: torch.Generator,
                     total_limit: int | None = None) -> Path:
-    """Save everything needed to continue exactly, atomically. Call on every process."""
+    """Save everything needed to continue exactly, atomically. Call on every process. A save the
+    disk refuses leaves no folder behind and raises a :class:`UserError` naming the folder."""
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
@@ -70,12 +77,19 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: 
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    save_file({"state": generator.get_state()}, str(tmp / f"rng-{accelerator.process_index}.safetensors"))
-    accelerator.wait_for_everyone()
+    try:
+        _write(accelerator, tmp, state, generator)
+    except Exception as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        found = list_checkpoints(root)
+        last = f"the last complete checkpoint is {found[-1].name}" if found else "no checkpoint is saved yet"
+        raise UserError(f"could not write {final}: {reason} ({shutil.disk_usage(root).free / 2**20:.0f} MiB free "
+                        f"there); {last}: free some space, then resume with --resume_from_checkpoint latest") from None
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
         if final.exists():  # a second save of the same step (e.g. a stop right after a checkpoint)
             _remove(final)
         os.replace(tmp, final)
@@ -86,14 +100,89 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: 
     return final
 
 
+def _write(accelerator, tmp: Path, state: dict, generator: torch.Generator) -> None:
+    """The checkpoint's files into ``tmp``, the trainer state (with every file's size) last, all flushed."""
+    accelerator.save_state(str(tmp))
+    save_file({"state": generator.get_state()}, str(tmp / f"rng-{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "files": sizes}, indent=2))
+        _fsync_tree(tmp)
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer state; a damaged one is an error naming it."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{file} is damaged ({type(exc).__name__}): {_earlier(path)}") from None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise UserError(f"{file} is not an sdxl-ambient trainer state: {_earlier(path)}")
+    return state
+
+
+def _earlier(path: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the one before it."""
+    before = [p for p in list_checkpoints(Path(path).parent) if p.name != Path(path).name and _step(p) < _step(path)]
+    if before:
+        return f"resume from an earlier one, e.g. --resume_from_checkpoint {before[-1].name}"
+    return "resume from an earlier checkpoint, or start again"
+
+
+def _step(path: Path) -> int:
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def check_files(path: Path) -> None:
+    """Every file the trainer state lists is there, whole: a truncated or missing one is named."""
+    for rel, size in read_state(path).get("files", {}).items():
+        file = Path(path) / rel
+        if not file.is_file():
+            raise UserError(f"{file} is missing from the checkpoint: {_earlier(path)}")
+        if file.stat().st_size != size:
+            raise UserError(f"{file} is truncated or damaged ({file.stat().st_size} bytes, {size} were written): "
+                            f"{_earlier(path)}")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:16] + "...\""
+
+
+def check_resumable(path: Path, fingerprint: dict) -> None:
+    """Refuse to resume from a checkpoint whose run fingerprint differs from this run's, naming each
+    setting that differs; a checkpoint that records none (an older version) is resumed with a warning."""
+    saved = read_state(path).get("fingerprint")
+    if saved is None:
+        logger.warning("%s records no run fingerprint (written by an older sdxl-ambient): its settings cannot "
+                       "be compared with this run's", path)
+        return
+    differ = [f"{key} {_shown(saved.get(key))} there, {_shown(fingerprint.get(key))} now"
+              for key in sorted(set(saved) | set(fingerprint)) if saved.get(key) != fingerprint.get(key)]
+    if differ:
+        raise UserError(f"--resume_from_checkpoint {path} belongs to another run: {'; '.join(differ)}. Resume with the "
+                        "run's settings (README: Resuming lists those that may change), or start a new run in "
+                        "another --output_dir")
+
+
 def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict:
-    """Restore a checkpoint written by ``save_checkpoint``; returns its trainer state."""
-    accelerator.load_state(str(path))
+    """Restore a checkpoint written by ``save_checkpoint``; returns its trainer state. A file that
+    cannot be read, or weights that do not fit this run's models, are an error naming the folder."""
     rng_file = path / f"rng-{accelerator.process_index}.safetensors"
     if not rng_file.is_file():
         raise UserError(f"{path} was written by a run with fewer processes: {rng_file.name} is missing")
-    generator.set_state(load_file(str(rng_file))["state"])
-    return json.loads((path / STATE_FILE).read_text())
+    try:
+        accelerator.load_state(str(path))
+        generator.set_state(load_file(str(rng_file))["state"])
+    except UserError:
+        raise
+    except Exception as exc:  # a damaged file (same size), or weights of another model
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(f"{path} cannot be loaded into this run ({type(exc).__name__}: {first}): {_earlier(path)}") from None
+    return read_state(path)
 
 
 def _prune(root: Path, total_limit: int | None) -> None:

@@ -169,10 +169,18 @@ def _add_training_arguments(parser) -> None:
                    help="Seeds training (timesteps, noise draws, data order, adapter init). Default: a fresh one, saved.")
 
 
+def add_output_folder_arguments(parser, *, default: str | None = None, help: str | None = None) -> None:
+    """--output_dir (required unless a default is given) and --overwrite_output_dir, as every command has them."""
+    parser.add_argument("--output_dir", type=str, default=default, required=default is None, help=help)
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Write into an output folder that already holds files: this command's earlier results "
+                             "there are removed first (training's checkpoints too); files it did not write are never "
+                             "touched, and a folder where one of them has a name it writes is still refused.")
+
+
 def _add_output_arguments(parser) -> None:
     g = parser.add_argument_group("outputs, checkpoints, validation, Hub")
-    g.add_argument("--output_dir", type=str, default="sdxl-ambient-model")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="Allow writing into an output folder that already holds results.")
+    add_output_folder_arguments(g, default="sdxl-ambient-model")
     g.add_argument("--logging_dir", type=str, default="logs")
     g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     g.add_argument("--logging_steps", type=int, default=10, help="Read losses from the device every N steps.")
@@ -209,6 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(p)
     _add_output_arguments(p)
     return p
+
+
+# Flags a resume may change: they decide what is logged, saved, shown or uploaded, or how fast a
+# step runs, never the weights. Every other flag is part of the run's fingerprint (train.run_fingerprint).
+RESUME_SAFE_FLAGS = frozenset({
+    "config", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "report_to", "logging_steps",
+    "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
+    "validation_inference_steps", "push_to_hub", "hub_model_id", "hub_private_repo", "push_checkpoints_to_hub",
+    "hub_checkpoint_mode", "push_training_state", "hub_token", "dataloader_num_workers", "ddp_timeout",
+    "max_nonfinite_steps", "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32",
+})
+# Flags a resume compares through what they resolve to: the data (which examples, their noise and how
+# images became latents, whatever folder holds them), t_n, the seed, the learning rate, the objective's
+# defaults, the precision; the run's length only where the learning rate schedule depends on it.
+RESUME_RESOLVED_FLAGS = frozenset({
+    "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "caption_column", "max_train_samples",
+    "skip_broken_images", "allow_empty_captions", "cache_dir", "noise_seed", "resolution", "center_crop", "random_flip",
+    "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "ambient_timestep", "seed",
+    "learning_rate", "scale_lr", "loss_weighting", "loss_weight_cap", "consistency_weight", "consistency_steps",
+    "consistency_max_delta", "consistency_start_step", "mixed_precision", "max_train_steps", "num_train_epochs",
+})
+
+
+def input_paths(args) -> list[tuple[str, object]]:
+    """The model and data a command reads, as (flag, value): what its output folder must stay apart from."""
+    names = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "train_data_dir", "dataset_name")
+    return [(f"--{name}", getattr(args, name, None)) for name in names]
 
 
 # ----------------------------------------------------------------------------- YAML

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from sdxl_ambient.cache import ENCODE_BATCH_SIZE, SHARD_SIZE, build_cache
+from sdxl_ambient.cache import ENCODE_BATCH_SIZE, SHARD_SIZE, build_cache, cache_folder
 from sdxl_ambient.config import (
     add_data_arguments,
     add_device_argument,
@@ -19,15 +19,19 @@ from sdxl_ambient.config import (
     add_noise_arguments,
     data_config,
     data_source,
+    input_paths,
 )
 from sdxl_ambient.data import load_training_images
+from sdxl_ambient.outputs import check_apart
 
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser, required=True)
     add_data_arguments(parser)
     add_noise_arguments(parser, required=True)
-    parser.add_argument("--output_dir", required=True, help="Folder for the noisy-latent dataset (an interrupted run is completed).")
+    parser.add_argument("--output_dir", required=True,
+                        help="A new folder for the noisy-latent dataset, apart from the images (an interrupted run is "
+                             "completed by the same command).")
     parser.add_argument("--batch_size", type=int, default=ENCODE_BATCH_SIZE, help="Encoding batch size.")
     parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="Examples per safetensors shard.")
     add_device_argument(parser)
@@ -56,13 +60,18 @@ def summary(cache, images) -> str:
 
 
 def run(args) -> int:
-    from sdxl_ambient.models import load_components, resolve_device
+    from sdxl_ambient.models import check_pipeline_files, load_components, resolve_device
 
-    images = load_training_images(data_source(args), data_config(args))  # every image checked before the model is loaded
-    components = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                 pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path)
-    cache = build_cache(args.output_dir, images, components, args.ambient_timestep, noise_seed=args.noise_seed,
-                        shareable=True, batch_size=args.batch_size, shard_size=args.shard_size,
-                        device=resolve_device(args.device))
+    check_apart("--output_dir", args.output_dir, input_paths(args))
+    output = cache_folder(args.output_dir, "--output_dir", command="corrupt")
+    with output.locked():
+        output.check_foreign(overwrite=False, overwrite_flag=None)  # only an unfinished (or finished) dataset of its own
+        check_pipeline_files(args.pretrained_model_name_or_path, args.revision, args.variant)
+        images = load_training_images(data_source(args), data_config(args))  # every image checked before the model is loaded
+        components = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                     pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path)
+        cache = build_cache(args.output_dir, images, components, args.ambient_timestep, noise_seed=args.noise_seed,
+                            shareable=True, batch_size=args.batch_size, shard_size=args.shard_size,
+                            device=resolve_device(args.device))
     print(summary(cache, images))
     return 0

@@ -25,10 +25,14 @@ def demo_images() -> Path:
     return Path(str(resources.files("sdxl_ambient") / "assets" / "demo_images"))
 
 
+WRITES = ("tiny-sdxl", "tiny-dinov2", "lora", "demo_grid.png", "memorization")
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--output_dir", default="demo_output", help="where the model, LoRA and grid go")
+    from sdxl_ambient.config import add_output_folder_arguments
+
+    add_output_folder_arguments(parser, default="demo_output", help="where the model, LoRA and grid go")
     parser.add_argument("--max_train_steps", type=int, default=None, help="override the demo's step count")
-    parser.add_argument("--overwrite_output_dir", action="store_true")
 
 
 def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Path, resolution: int, seed: int = 0) -> Path:
@@ -54,6 +58,15 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
 
 
 def run(args) -> int:
+    from sdxl_ambient.outputs import OutputFolder
+
+    folder = OutputFolder(args.output_dir, command="demo", writes=WRITES)
+    with folder.checked_and_locked([("the demo's images", demo_images())], args.overwrite_output_dir):
+        folder.start(clear=folder.own())
+        return run_demo(Path(args.output_dir), args.max_train_steps)
+
+
+def run_demo(out: Path, max_train_steps: int | None) -> int:
     import yaml
 
     from sdxl_ambient.errors import UserError
@@ -62,16 +75,13 @@ def run(args) -> int:
     from sdxl_ambient.train import main as train_main
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    out = Path(args.output_dir)
     start = time.time()
     pipeline_dir = save_tiny_pipeline(out / "tiny-sdxl")
     lora_dir = out / "lora"
     argv = ["--config", str(demo_config()), "--pretrained_model_name_or_path", str(pipeline_dir),
             "--train_data_dir", str(demo_images()), "--output_dir", str(lora_dir)]
-    if args.max_train_steps:
-        argv += ["--max_train_steps", str(args.max_train_steps)]
-    if args.overwrite_output_dir:
-        argv += ["--overwrite_output_dir"]
+    if max_train_steps:
+        argv += ["--max_train_steps", str(max_train_steps)]
     status = train_main(argv)
     if status != 0:
         raise UserError(f"the demo's training stopped early (exit status {status}); run the same command again "

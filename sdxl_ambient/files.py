@@ -21,3 +21,7 @@ EMA_DIR, EMA_STATE = "unet_ema", "ema_state.json"
 
 # An image folder's captions (diffusers' imagefolder layout).
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+# In every output folder: what sdxl-ambient commands wrote there, and the lock of the command running there.
+OUTPUT_RECORD = ".sdxl-ambient.json"
+LOCK_FILE = ".sdxl-ambient.lock"

@@ -15,8 +15,11 @@ from pathlib import Path
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import METADATA_FILES
 from sdxl_ambient.images import image_grid
+from sdxl_ambient.outputs import OutputFolder
 from sdxl_ambient.pipelines import load_pipeline
 from sdxl_ambient.sampling import generate_images
+
+SETTINGS = "generate.json"
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
@@ -32,10 +35,19 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str
     return prompts
 
 
+def image_names(count: int) -> list[str]:
+    return [f"{i:05d}.png" for i in range(count)]
+
+
+def output_folder(path, count: int) -> OutputFolder:
+    """The output folder and what ``generate`` writes there: the numbered PNGs, the grid, the captions, the settings."""
+    return OutputFolder(path, command="generate", writes=[*image_names(count), "grid.png", METADATA_FILES[0], SETTINGS])
+
+
 def write_images(output_dir: Path, images: list, captions: list[str]) -> list[str]:
     """Numbered PNGs, ``grid.png`` and ``metadata.jsonl``; returns the file names."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    names = [f"{i:05d}.png" for i in range(len(images))]
+    names = image_names(len(images))
     for name, image in zip(names, images):
         image.save(output_dir / name)
     image_grid(images, cols=min(len(images), max(1, math.ceil(math.sqrt(len(images)))))).save(output_dir / "grid.png")
@@ -46,7 +58,7 @@ def write_images(output_dir: Path, images: list, captions: list[str]) -> list[st
 
 
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_model_arguments, add_sampling_arguments
+    from sdxl_ambient.config import add_model_arguments, add_output_folder_arguments, add_sampling_arguments
 
     add_model_arguments(parser, required=True)
     parser.add_argument("--lora_path", default=None, help="LoRA folder or .safetensors file")
@@ -56,24 +68,31 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
     parser.add_argument("--ambient_timestep", type=int, default=0,
                         help="t_n the model was trained at: sample truncated there (0: full sampling)")
-    parser.add_argument("--output_dir", required=True)
+    add_output_folder_arguments(parser)
     add_sampling_arguments(parser)
 
 
 def run(args) -> int:
+    from sdxl_ambient.config import input_paths
+
     prompts = read_prompts(args.prompt, args.prompts_file)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, lora_path=args.lora_path,
-                         vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision, variant=args.variant,
-                         scheduler=args.scheduler, device=args.device, dtype=args.dtype, lora_scale=args.lora_scale)
-    images, captions = generate_images(
-        pipe, prompts, num_images_per_prompt=args.num_images_per_prompt, batch_size=args.batch_size, seed=args.seed,
-        resolution=args.resolution, ambient_timestep=args.ambient_timestep, jump_margin=args.jump_margin,
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-    )
     out = Path(args.output_dir)
-    names = write_images(out, images, captions)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    settings.update(scheduler_class=type(pipe.scheduler).__name__, images=names)
-    (out / "generate.json").write_text(json.dumps(settings, indent=2, default=str))
+    folder = output_folder(out, len(prompts) * args.num_images_per_prompt)
+    inputs = [*input_paths(args), ("--lora_path", args.lora_path), ("--prompts_file", args.prompts_file)]
+    with folder.checked_and_locked(inputs, args.overwrite_output_dir):  # before anything is loaded
+        pipe = load_pipeline(args.pretrained_model_name_or_path, lora_path=args.lora_path,
+                             vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision, variant=args.variant,
+                             scheduler=args.scheduler, device=args.device, dtype=args.dtype, lora_scale=args.lora_scale)
+        images, captions = generate_images(
+            pipe, prompts, num_images_per_prompt=args.num_images_per_prompt, batch_size=args.batch_size, seed=args.seed,
+            resolution=args.resolution, ambient_timestep=args.ambient_timestep, jump_margin=args.jump_margin,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+        )
+        folder.start(clear=folder.own())
+        names = write_images(out, images, captions)
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        settings.update(scheduler_class=type(pipe.scheduler).__name__, images=names)
+        (out / SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
     print(f"wrote {len(names)} images and grid.png to {out}")
     return 0

@@ -260,11 +260,12 @@ def default_repo_id(hub_model_id: str | None, output_dir) -> str:
     return hub_model_id or Path(output_dir).name
 
 
-def try_push_final(output_dir, repo_id: str, *, private: bool = False, token: str | None = None, api=None) -> str | None:
+def try_push_final(output_dir, repo_id: str, *, private: bool = False, token: str | None = None, api=None,
+                   exclude=()) -> str | None:
     """:func:`push_final`; when it fails (network, Hub) nothing local is touched and the returned
     one-line message says where the files are and how to push them later. None when pushed."""
     try:
-        push_final(output_dir, repo_id, token=token, private=private, api=api)
+        push_final(output_dir, repo_id, token=token, private=private, api=api, exclude=exclude)
     except OSError as err:
         return _redact(f"training finished and its weights are in {output_dir}, but the push to the Hub repo {repo_id!r} "
                        f"failed ({type(err).__name__}: {first_line(err)}); push them later with "
@@ -272,11 +273,13 @@ def try_push_final(output_dir, repo_id: str, *, private: bool = False, token: st
     return None
 
 
-def push_final(output_dir, repo_id: str, *, token: str | None = None, private: bool = False, api=None):
-    """Create (or reuse) the model repo and upload :func:`final_upload_files` in one commit."""
+def push_final(output_dir, repo_id: str, *, token: str | None = None, private: bool = False, api=None,
+               exclude=()):
+    """Create (or reuse) the model repo and upload :func:`final_upload_files` in one commit, leaving
+    out those under the top-level names ``exclude`` (files the run did not write)."""
     token = resolve_token(token)
     api = _api(api, token)
-    files = final_upload_files(output_dir)
+    files = [f for f in final_upload_files(output_dir) if f.split("/")[0] not in set(exclude)]
     if not files:
         raise FileNotFoundError(f"{output_dir}: nothing to upload (no weights, card or images)")
     repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, token=token)

@@ -84,6 +84,24 @@ def _read_model_index(name: str, revision: str | None) -> dict:
     return index
 
 
+WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the sub-folders that hold weights
+
+
+def check_pipeline_files(name: str, revision: str | None = None, variant: str | None = None) -> None:
+    """An SDXL pipeline, checked without loading it: its model_index.json, its sub-folders and, for a
+    local folder, safetensors weights (of ``variant``, if given) in each part that has weights."""
+    _read_model_index(name, revision)
+    local = Path(name).expanduser()
+    if not local.is_dir():
+        return
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    for part in WEIGHT_PARTS:
+        if not any(p.name.endswith((suffix, suffix + ".index.json")) for p in (local / part).iterdir()):
+            what = f"{variant} safetensors weights" if variant else "safetensors weights"
+            raise UserError(f"--pretrained_model_name_or_path {name}: {part}/ holds no {what} (*{suffix}); "
+                            "only safetensors are loaded")
+
+
 def vae_source(vae_path: str) -> dict:
     """from_pretrained arguments for --pretrained_vae_model_name_or_path (a VAE folder, a pipeline folder, or a Hub id)."""
     flag = "--pretrained_vae_model_name_or_path"
@@ -139,7 +157,7 @@ def load_components(
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     name = pretrained_model_name_or_path
-    _read_model_index(name, revision)
+    check_pipeline_files(name, revision, variant)
     if Path(name).expanduser().is_dir():
         name = str(Path(name).expanduser())
     common = dict(revision=revision)

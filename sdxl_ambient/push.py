@@ -1,7 +1,8 @@
 """``sdxl-ambient push``: upload a finished training run to the Hub, e.g. after the push at the end
 of training failed (offline, the Hub unreachable). It uploads what the end of training would have
 (:func:`hub.final_upload_files`: weights, model card, settings, sample images; never checkpoints,
-caches or logs), to ``--hub_model_id``, else the repo the run recorded, else the folder's name."""
+caches or logs, nor files beside them that the run did not write), to ``--hub_model_id``, else the repo
+the run recorded, else the folder's name."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import LORA_WEIGHT_NAME, MODEL_INDEX, SETTINGS_FILE
+from sdxl_ambient.outputs import OutputFolder
 
 
 def add_arguments(parser) -> None:
@@ -29,6 +31,7 @@ def run(args) -> int:
     repo_id = hub.default_repo_id(args.hub_model_id or settings.get("hub_model_id"), out)
     private = args.hub_private_repo or bool(settings.get("hub_private_repo"))
     repo_id = hub.prepare_repo(repo_id, private=private, flag="sdxl-ambient push")
-    hub.push_final(out, repo_id, private=private)
+    folder = OutputFolder(out, command="train", writes=())
+    hub.push_final(out, repo_id, private=private, exclude=folder.foreign() if folder.record() else ())  # only the run's files
     print(f"pushed {out} to https://huggingface.co/{repo_id}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -84,7 +85,6 @@ def tiny_unet_config() -> dict:
 
 def build_tiny_pipeline(seed: int = 0, workdir: str | os.PathLike | None = None):
     """A ``StableDiffusionXLPipeline`` with tiny random components (deterministic in ``seed``)."""
-    import tempfile
 
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -126,8 +126,9 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     if (path / MODEL_INDEX).exists():
         return path
-    pipe = build_tiny_pipeline(seed, workdir=path.parent)
-    pipe.save_pretrained(path, safe_serialization=True)
+    with tempfile.TemporaryDirectory(prefix="tiny_tok_") as scratch:  # nothing written beside the pipeline folder
+        pipe = build_tiny_pipeline(seed, workdir=scratch)
+        pipe.save_pretrained(path, safe_serialization=True)
     return path
 
 

@@ -8,6 +8,7 @@ function of the run. The objective of one step is ``step.AmbientObjective``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,23 +21,58 @@ from typing import Any
 import torch
 
 from sdxl_ambient import checkpointing
-from sdxl_ambient.config import TrainConfig, load_train_config
-from sdxl_ambient.errors import UserError, exit_code_of
-from sdxl_ambient.files import LORA_WEIGHT_NAME, MODEL_CARD, MODEL_INDEX, SETTINGS_FILE
+from sdxl_ambient.config import RESUME_RESOLVED_FLAGS, RESUME_SAFE_FLAGS, TrainConfig, input_paths, load_train_config
+from sdxl_ambient.durable import write_failure
+from sdxl_ambient.errors import ReportedElsewhere, UserError, exit_code_of
+from sdxl_ambient.files import (
+    LORA_FILES,
+    LORA_WEIGHT_NAME,
+    MODEL_CARD,
+    MODEL_INDEX,
+    SAMPLES_DIR,
+    SDXL_PARTS,
+    SETTINGS_FILE,
+    VALIDATION_DIR,
+)
+from sdxl_ambient.outputs import OutputFolder, check_apart
 from sdxl_ambient.step import AmbientObjective, conditioned_unet
 from sdxl_ambient.text import text_embeddings
 
 logger = logging.getLogger("sdxl_ambient")
 RESULT_FILES = (LORA_WEIGHT_NAME, MODEL_INDEX, SETTINGS_FILE)
-EXIT_STOPPED = 143  # stopped by a signal, a checkpoint saved: resume with --resume_from_checkpoint latest
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # save at the next step, then exit with 128 + the signal's number
+EXIT_STOPPED = 128 + signal.SIGTERM  # another process's signal stopped this one
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # their learning rates do not depend on the run's length
 
 
 # ----------------------------------------------------------------------------- set-up helpers
 
 
-def check_output_dir(flags, resume_path) -> None:
-    """Refuse to write over a finished or running output folder unless asked to (or resuming a checkpoint in it)."""
-    out = Path(flags.output_dir)
+def inside_output(flags, folder) -> str | None:
+    """The top-level name under OUTPUT_DIR of a folder that lies inside it, else None."""
+    out, path = Path(flags.output_dir).resolve(), (Path(flags.output_dir) / folder).resolve()
+    return path.relative_to(out).parts[0] if path != out and path.is_relative_to(out) else None
+
+
+def output_folder(flags, cache_dir: Path) -> OutputFolder:
+    """The output folder and what a training run writes at its top: settings, card, samples,
+    validation grids, checkpoints, the weights (LoRA files or a pipeline), and the logs and latent
+    cache when they lie inside it."""
+    writes = [SETTINGS_FILE, MODEL_CARD, SAMPLES_DIR, VALIDATION_DIR, "checkpoint-*", ".tmp-checkpoint-*"]
+    writes += list(LORA_FILES) if flags.finetune == "lora" else [MODEL_INDEX, *SDXL_PARTS]
+    writes += [name for name in (inside_output(flags, flags.logging_dir), inside_output(flags, cache_dir)) if name]
+    return OutputFolder(flags.output_dir, command="train", writes=writes)
+
+
+def check_output_dir(flags, folder: OutputFolder, resume_path) -> None:
+    """Refuse files training did not write (always where it writes, else unless
+    --overwrite_output_dir) and, unless asked to write over them or resuming a checkpoint in it, a
+    finished or running run's results."""
+    folder.check_foreign(flags.overwrite_output_dir)
+    out = folder.path
+    if flags.overwrite_output_dir and resume_path is not None and resume_path.parent.resolve() == out.resolve():
+        raise UserError(f"--overwrite_output_dir removes {resume_path}, which --resume_from_checkpoint "
+                        f"{flags.resume_from_checkpoint} resumes from: give one of the two")
     if flags.overwrite_output_dir or resume_path is not None or not out.is_dir():
         return
     found = [name for name in RESULT_FILES if (out / name).exists()] + [p.name for p in checkpointing.list_checkpoints(out)]
@@ -45,6 +81,16 @@ def check_output_dir(flags, resume_path) -> None:
     if found:
         raise UserError(f"--output_dir {out} already holds {found[:3]}: pass --resume_from_checkpoint latest to continue, "
                         "--overwrite_output_dir to write over it, or choose another folder")
+
+
+def check_cache_place(flags, cache_dir: Path) -> None:
+    """The latent cache goes to a folder of its own: apart from the inputs, and not the output folder
+    itself nor a folder containing it."""
+    check_apart("--cache_dir", cache_dir, input_paths(flags))
+    out, cache = Path(flags.output_dir).resolve(), cache_dir.resolve()
+    if out == cache or out.is_relative_to(cache):
+        raise UserError(f"--cache_dir {cache_dir} {'is' if out == cache else 'contains'} --output_dir {flags.output_dir}: "
+                        "give the latent cache a folder of its own (the default is OUTPUT_DIR/latent_cache)")
 
 
 def make_accelerator(flags):
@@ -79,14 +125,12 @@ def make_accelerator(flags):
 def resolve_seed(flags, resume_path, accelerator) -> int:
     """The run's seed: the flag, the resumed run's, or a fresh random one drawn on the main process
     and shared, so every rank agrees."""
-    import json
-
     from accelerate.utils import broadcast_object_list
 
     if flags.seed is not None:
         return flags.seed
     if resume_path is not None:
-        return json.loads((resume_path / checkpointing.STATE_FILE).read_text())["seed"]
+        return checkpointing.read_state(resume_path)["seed"]
     seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     return broadcast_object_list([seed])[0] if accelerator.num_processes > 1 else seed
 
@@ -228,6 +272,36 @@ class Resolved:
                 **self.objective}
 
 
+def resolve(cfg: TrainConfig, resume_path, accelerator) -> Resolved:
+    """The seed, t_n, learning rate and objective defaults, before any model loads."""
+    from sdxl_ambient.cache import training_timestep
+
+    flags = cfg.flags
+    t_n = training_timestep(cfg.source, cfg.cache)
+    scale = flags.gradient_accumulation_steps * flags.train_batch_size * accelerator.num_processes if flags.scale_lr else 1
+    return Resolved(seed=resolve_seed(flags, resume_path, accelerator), ambient_timestep=t_n,
+                    learning_rate=flags.learning_rate * scale, objective=cfg.objective.resolved(t_n))
+
+
+def run_fingerprint(cfg: TrainConfig, resolved: Resolved, latent_data: dict, accelerator) -> dict:
+    """What makes this run's weights, which a resume compares: every flag not safe to change
+    (``config.RESUME_SAFE_FLAGS``) as given, the others through what they resolve to (the seed,
+    learning rate, objective, precision, the latent data: its examples and noise, t_n, resolution,
+    ...), the schedule's length where the learning rate depends on it, and the number of processes."""
+    from sdxl_ambient.data import public_name
+
+    flags = cfg.flags
+    given = {k: v for k, v in vars(flags).items() if k not in RESUME_SAFE_FLAGS | RESUME_RESOLVED_FLAGS}
+    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):  # a moved folder is the same model
+        given[key] = public_name(given[key])
+    if flags.lr_scheduler not in CONSTANT_SCHEDULES:
+        given.update(max_train_steps=flags.max_train_steps, num_train_epochs=flags.num_train_epochs)
+    data = {k: v for k, v in latent_data.items() if k != "latent_data"}
+    named = {f"--{k}": v for k, v in {**given, **resolved.as_dict(), **data,
+                                      "mixed_precision": accelerator.mixed_precision}.items()}
+    return {**named, "training data and its noise": latent_data["latent_data"], "processes": accelerator.num_processes}
+
+
 @dataclass
 class Run:
     """Everything a training run holds."""
@@ -251,10 +325,16 @@ class Run:
     steps_per_epoch: int
     max_steps: int
     resume_path: Path | None
+    output: OutputFolder
+    fingerprint: dict
     val_prompts: dict | None = None
     hub_repo: str | None = None  # with --push_to_hub, on the main process: the repo, created at the start
     pusher: Any = None
     stop_signal: list = field(default_factory=list)
+    saved_step: int = -1  # the step of the last checkpoint this run saved
+    # the last completed step and the step generator's state then: what a save after a failure
+    # restores (None while an update is being applied, when no consistent state exists)
+    restart_point: tuple[int, torch.Tensor] | None = None
 
     @property
     def flags(self):
@@ -266,23 +346,80 @@ class Run:
         return tuple(self.trained[1:]) if self.flags.train_text_encoder else None
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Everything before the first step, in order; nothing is written before the inputs are checked."""
+def on_main_process(accelerator, check):
+    """``check()`` on the main process; a :class:`UserError` there is raised on every process."""
+    error, value = None, None
+    if accelerator.is_main_process:
+        try:
+            value = check()
+        except UserError as exc:
+            error = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise UserError(error) if accelerator.is_main_process else ReportedElsewhere(error)
+    return value
+
+
+def check_inputs(cfg: TrainConfig, resolved: Resolved, resume_path, accelerator, held: contextlib.ExitStack):
+    """Everything that needs no model, before any loads (main process): the output and cache folders
+    (locked for the run's life, in ``held``; a complete cache is only read and not locked), the model folder's files, every image and caption, and
+    that the checkpoint to resume belongs to this run; then, with --push_to_hub, the Hub repo. Nothing
+    is written but the locks (and the Hub repo). Returns the checked images (None for a noisy-latent
+    dataset, used as is) and the Hub repo to push to (None without --push_to_hub)."""
+    from sdxl_ambient import cache as caches
+    from sdxl_ambient import hub, models
+    from sdxl_ambient.data import load_training_images
+
+    flags, dataset = cfg.flags, caches.uses_latent_dataset(cfg.source)
+    output, cache = output_folder(flags, cfg.cache.cache_dir), caches.cache_folder(cfg.cache.cache_dir)
+    check_apart("--output_dir", flags.output_dir, input_paths(flags))
+    if not dataset:
+        check_cache_place(flags, cfg.cache.cache_dir)
+    held.enter_context(output.locked())
+    check_output_dir(flags, output, resume_path)
+    if not dataset:
+        if not caches.is_complete(cfg.cache.cache_dir):  # a complete cache is only read: runs may share it
+            held.enter_context(cache.locked())
+        cache.check_foreign(overwrite=False, overwrite_flag=None)  # nothing but a latent cache
+    models.check_pipeline_files(flags.pretrained_model_name_or_path, revision=flags.revision, variant=flags.variant)
+    if dataset:
+        caches.LatentCache(flags.train_data_dir, verify=False)  # complete (its shards are verified when it is read)
+        images = None
+    else:
+        images = load_training_images(cfg.source, cfg.data)
+    if resume_path is not None:
+        checkpointing.check_files(resume_path)
+        expected = caches.expected_latent_data(cfg.source, cfg.data, cfg.cache, images)
+        if expected["latent_data"] is None:
+            raise UserError(f"--resume_from_checkpoint {resume_path}: the latent cache it was trained on is not in "
+                            f"--cache_dir {cfg.cache.cache_dir}, and a new one would carry new noise: give the "
+                            "--cache_dir that holds it (or the --noise_seed it was made with), or start a new run")
+        checkpointing.check_resumable(resume_path, run_fingerprint(cfg, resolved, expected, accelerator))
+    hub_repo = None  # --push_to_hub: a token, the Hub and the repo, checked (the repo created) once all else passed
+    if flags.push_to_hub:
+        hub_repo = hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
+    return images, hub_repo
+
+
+def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
+    """Everything before the first step, in order: every input is checked before any model loads,
+    and nothing is written before the checks pass (the folders' locks go to ``held``)."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from sdxl_ambient import hub, models, validation
-    from sdxl_ambient.cache import BucketBatchSampler, prepare_cache
+    from sdxl_ambient import models, validation
+    from sdxl_ambient.cache import BucketBatchSampler, latent_data_fingerprint, prepare_cache
 
     flags = cfg.flags
-    resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
-    check_output_dir(flags, resume_path)
     accelerator = make_accelerator(flags)
-    hub_repo = None  # --push_to_hub: a token, the Hub and the repo checked before any model loads
-    if flags.push_to_hub and accelerator.is_main_process:
-        hub_repo = hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
-    seed = resolve_seed(flags, resume_path, accelerator)
-    set_seed(seed)
+    resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
+    resolved = resolve(cfg, resume_path, accelerator)
+    checked = on_main_process(accelerator, lambda: check_inputs(cfg, resolved, resume_path, accelerator, held))
+    images, hub_repo = checked or (None, None)  # the other processes neither build the cache nor push
+    set_seed(resolved.seed)
     if flags.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -293,8 +430,8 @@ def setup(cfg: TrainConfig) -> Run:
     if flags.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=flags.prediction_type)
     place_frozen(flags, components, accelerator.device, weight_dtype)
-    cache = prepare_cache(cfg.source, cfg.data, cfg.cache, components, accelerator)
-    objective = cfg.objective.build(cache.ambient_timestep, components.noise_scheduler, accelerator.device)
+    cache = prepare_cache(cfg.source, cfg.data, cfg.cache, components, accelerator, images=images)
+    objective = cfg.objective.build(resolved.ambient_timestep, components.noise_scheduler, accelerator.device)
     val_prompts = validation.encode_prompts(components, cfg.validation) if cfg.validation else None
     if not flags.train_text_encoder:  # the cache holds the embeddings: free the device
         components.text_encoder.to("cpu")
@@ -302,9 +439,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     # what trains, the optimizer and the LR schedule
     trained, params = setup_trainable(flags, components, accelerator.device, weight_dtype)
-    scale = flags.gradient_accumulation_steps * flags.train_batch_size * accelerator.num_processes if flags.scale_lr else 1
-    learning_rate = flags.learning_rate * scale
-    optimizer = make_optimizer(flags, params, learning_rate)
+    optimizer = make_optimizer(flags, params, resolved.learning_rate)
     ema = None
     if flags.use_ema:
         from diffusers.training_utils import EMAModel
@@ -313,7 +448,7 @@ def setup(cfg: TrainConfig) -> Run:
         ema.to(accelerator.device)
 
     # the data order is ours (seeded by epoch, sharded by process, resumable), so the loader is not prepared
-    sampler = BucketBatchSampler(cache.latent_shapes(), flags.train_batch_size, seed=seed,
+    sampler = BucketBatchSampler(cache.latent_shapes(), flags.train_batch_size, seed=resolved.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                                  accumulation=flags.gradient_accumulation_steps)
     loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, num_workers=flags.dataloader_num_workers,
@@ -330,24 +465,35 @@ def setup(cfg: TrainConfig) -> Run:
                                      text_encoder=unwrapped[1] if flags.train_text_encoder else None,
                                      text_encoder_2=unwrapped[2] if flags.train_text_encoder else None, ema_unet=ema)
 
-    resolved = Resolved(seed=seed, ambient_timestep=cache.ambient_timestep, learning_rate=learning_rate,
-                        objective=cfg.objective.resolved(cache.ambient_timestep))
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed * 1009 + accelerator.process_index)
+    generator = torch.Generator(device=accelerator.device).manual_seed(resolved.seed * 1009 + accelerator.process_index)
     guard = NonFiniteGuard(optimizer.optimizer, flags.max_nonfinite_steps,
                            external=accelerator.scaler is not None or accelerator.state.deepspeed_plugin is not None)
-    run = Run(cfg=cfg, resolved=resolved, accelerator=accelerator, components=components, cache=cache, sampler=sampler,
-              loader=loader, trained=trained, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-              objective=objective, generator=generator, guard=guard, weight_dtype=weight_dtype,
-              steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path, val_prompts=val_prompts,
-              hub_repo=hub_repo)
-    if accelerator.is_main_process:
-        hub.write_settings(flags.output_dir, settings_record(run))
-        accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
-                                                          if isinstance(v, (int, float, str, bool))})
-        if flags.push_checkpoints_to_hub:
-            run.pusher = hub.CheckpointPusher(hub_repo, mode=flags.hub_checkpoint_mode,
-                                              include_training_state=flags.push_training_state, private=flags.hub_private_repo)
-    return run
+    return Run(cfg=cfg, resolved=resolved, accelerator=accelerator, components=components, cache=cache, sampler=sampler,
+               loader=loader, trained=trained, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+               objective=objective, generator=generator, guard=guard, weight_dtype=weight_dtype,
+               steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path,
+               output=output_folder(flags, cfg.cache.cache_dir),
+               fingerprint=run_fingerprint(cfg, resolved, latent_data_fingerprint(cache.manifest), accelerator),
+               val_prompts=val_prompts, hub_repo=hub_repo)
+
+
+def start_outputs(run: Run) -> None:
+    """Once everything is loaded (main process): with --overwrite_output_dir remove the earlier run's
+    results (checkpoints included, so `latest` cannot resume them; the latent cache and the logs
+    stay), record what this run writes, save the settings, start the trackers and the checkpoint pusher."""
+    from sdxl_ambient import hub
+
+    accelerator, flags = run.accelerator, run.flags
+    if not accelerator.is_main_process:
+        return
+    keep = {inside_output(flags, flags.logging_dir), inside_output(flags, run.cfg.cache.cache_dir)}
+    run.output.start(clear=[n for n in run.output.own() if n not in keep] if flags.overwrite_output_dir else [])
+    hub.write_settings(flags.output_dir, settings_record(run))
+    accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+    if flags.push_checkpoints_to_hub:
+        run.pusher = hub.CheckpointPusher(run.hub_repo, mode=flags.hub_checkpoint_mode,
+                                          include_training_state=flags.push_training_state, private=flags.hub_private_repo)
 
 
 def settings_record(run: Run) -> dict:
@@ -360,11 +506,12 @@ def settings_record(run: Run) -> dict:
 
 def resume(run: Run) -> int:
     """Restore the checkpoint to resume from, if any; returns the optimizer step to continue from."""
-    if run.resume_path is None:
-        return 0
-    state = checkpointing.load_checkpoint(run.accelerator, run.resume_path, run.generator)
-    logger.info("resumed from %s at step %d", run.resume_path, state["global_step"])
-    return state["global_step"]
+    step = 0
+    if run.resume_path is not None:
+        step = checkpointing.load_checkpoint(run.accelerator, run.resume_path, run.generator)["global_step"]
+        logger.info("resumed from %s at step %d", run.resume_path, step)
+    run.restart_point = (step, run.generator.get_state())
+    return step
 
 
 def start_epoch(run: Run, epoch: int, step: int) -> None:
@@ -418,16 +565,78 @@ def log_losses(run: Run, meter: LossMeter, step: int, progress) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    path = checkpointing.save_checkpoint(run.accelerator, run.flags.output_dir, step,
-                                         {"global_step": step, "seed": run.resolved.seed}, run.generator,
+    state = {"global_step": step, "seed": run.resolved.seed, "fingerprint": run.fingerprint}
+    path = checkpointing.save_checkpoint(run.accelerator, run.flags.output_dir, step, state, run.generator,
                                          total_limit=run.flags.checkpoints_total_limit)
+    run.saved_step = step
     if run.pusher is not None:
         run.pusher.push(path, step)
 
 
 def install_stop_handler(run: Run) -> None:
-    """SIGTERM (preemption) asks the run to save at the next step and stop."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: run.stop_signal.append(signum))
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save at the next step and stop; a
+    second Ctrl-C aborts at once, without saving."""
+
+    def ask_to_stop(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in run.stop_signal:
+            raise KeyboardInterrupt("aborted by a second Ctrl-C, without saving; resume from the last checkpoint "
+                                    "with --resume_from_checkpoint latest")
+        run.stop_signal.append(signum)
+        if signum == signal.SIGINT and run.accelerator.is_local_main_process:
+            os.write(2, b"\nstopping: the run saves a checkpoint after this step (Ctrl-C again to abort without saving)\n")
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, ask_to_stop)
+
+
+def stopped(run: Run, step: int) -> int:
+    """End a run stopped by a signal (its checkpoint saved): one line, and 128 + the signal's number."""
+    signum = run.stop_signal[0] if run.stop_signal else None
+    by = f"signal {signum} ({signal.Signals(signum).name})" if signum else "another process's signal"
+    logger.warning("stopped by %s at step %d; saved %s/checkpoint-%d; resume with --resume_from_checkpoint latest",
+                   by, step, run.flags.output_dir, step)
+    abandon_uploads(run)
+    run.accelerator.end_training()
+    return 128 + signum if signum else EXIT_STOPPED
+
+
+@contextlib.contextmanager
+def saved_on_failure(run: Run):
+    """On a failure during training, save the last completed step before the error goes on (see
+    :func:`save_after_failure`); a write the disk refused becomes one line naming the folder."""
+    try:
+        yield
+    except Exception as exc:
+        save_after_failure(run, exc)
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        last = checkpointing.list_checkpoints(run.flags.output_dir)
+        raise UserError(f"could not write to {run.flags.output_dir}: {reason}; "
+                        f"{'the last complete checkpoint is ' + last[-1].name if last else 'no checkpoint is saved'}: "
+                        "free some space, then resume with --resume_from_checkpoint latest") from None
+
+
+def save_after_failure(run: Run, exc: Exception) -> None:
+    """Save the last completed step after ``exc``, unless it is saved already or cannot be: in the
+    middle of an update (no consistent state), with several processes (the others would have to
+    join a save), or when the disk itself failed."""
+    if isinstance(exc, UserError) or write_failure(exc) is not None or run.restart_point is None:
+        return
+    step, generator_state = run.restart_point
+    if step <= run.saved_step:
+        return
+    if run.accelerator.num_processes > 1:
+        logger.error("training failed at step %d; with several processes nothing more can be saved", step)
+        return
+    run.generator.set_state(generator_state)  # as it was when the step completed: the checkpoint is exact
+    try:
+        save(run, step)
+    except Exception as failed:
+        logger.error("training failed, and saving step %d then failed too: %s", step, failed)
+        return
+    logger.error("training failed after step %d, which is saved: resume with --resume_from_checkpoint latest "
+                 "once the error below is fixed", step)
 
 
 def stop_requested(run: Run, at_sync_point: bool) -> bool:
@@ -468,6 +677,7 @@ def finish(run: Run, step: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if run.ema is not None:
+            run.restart_point = None  # the weights become the EMA's: no training state to save after a failure
             run.ema.copy_to(run.params)
         unet, *text_encoders = [accelerator.unwrap_model(m) for m in run.trained]
         if flags.finetune == "lora":
@@ -482,8 +692,9 @@ def finish(run: Run, step: int) -> None:
         (Path(flags.output_dir) / MODEL_CARD).write_text(card)
         if run.pusher is not None:
             run.pusher.close()
-        if run.hub_repo is not None:
-            push_failed = hub.try_push_final(flags.output_dir, run.hub_repo, private=flags.hub_private_repo)
+        if run.hub_repo is not None:  # never the user's files beside ours
+            push_failed = hub.try_push_final(flags.output_dir, run.hub_repo, private=flags.hub_private_repo,
+                                             exclude=run.output.foreign())
     accelerator.end_training()
     if push_failed:
         raise UserError(push_failed)
@@ -493,13 +704,22 @@ def finish(run: Run, step: int) -> None:
 
 
 def train(cfg: TrainConfig) -> int:
-    """Train to ``max_steps``; returns 0, or 143 when a signal stopped the run after a checkpoint."""
+    """Train to ``max_steps``; returns 0, or 128 + the signal's number when a signal (Ctrl-C,
+    SIGTERM) stopped the run after a checkpoint."""
+    with contextlib.ExitStack() as held:  # the output and cache folders' locks, for the run's life
+        run = setup(cfg, held)
+        first = resume(run)
+        start_outputs(run)
+        install_stop_handler(run)
+        with saved_on_failure(run):
+            return loop(run, first)
+
+
+def loop(run: Run, step: int) -> int:
+    """The steps from ``step`` to ``max_steps``, then the final weights; returns train's exit status."""
     from tqdm.auto import tqdm
 
-    run = setup(cfg)
-    flags, accelerator = run.flags, run.accelerator
-    step = resume(run)
-    install_stop_handler(run)
+    flags, accelerator, first = run.flags, run.accelerator, step
     logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
                 len(run.cache), run.steps_per_epoch, run.max_steps, run.resolved.ambient_timestep,
                 run.objective.consistency_weight, accelerator.num_processes)
@@ -515,6 +735,7 @@ def train(cfg: TrainConfig) -> int:
                 terms = forward_backward(run, batch, step)
                 micro = terms if micro is None else micro + terms
                 if accelerator.sync_gradients:
+                    run.restart_point = None  # the weights change: no consistent state until the step is done
                     meter.add(*optimizer_step(run, micro, step + 1))
                     micro = None
                 run.optimizer.zero_grad(set_to_none=True)
@@ -523,6 +744,7 @@ def train(cfg: TrainConfig) -> int:
             if run.ema is not None:
                 run.ema.step(run.params)
             step += 1
+            run.restart_point = (step, run.generator.get_state())
             progress.update(1)
 
             # read back from the device only at sync points: the non-finite flags, the losses, a stop request
@@ -541,30 +763,29 @@ def train(cfg: TrainConfig) -> int:
             if step % flags.checkpointing_steps == 0 or stopping:
                 save(run, step)
             if stopping:
-                logger.warning("stopped by signal %s at step %d; resume with --resume_from_checkpoint latest",
-                               run.stop_signal[0] if run.stop_signal else "(another process's)", step)
-                abandon_uploads(run)
-                accelerator.end_training()
-                return EXIT_STOPPED
+                logger.info("ran steps %d-%d of %d", first + 1, step, run.max_steps)
+                return stopped(run, step)
             if run.val_prompts is not None and step % run.cfg.validation.every_steps == 0 and accelerator.is_main_process:
                 validate(run, step)
             if step >= run.max_steps:
                 break
         if step >= run.max_steps:
             break
+    logger.info("ran steps %d-%d of %d", first + 1, step, run.max_steps)
     finish(run, step)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; the signal handler the run installs (save, then stop) is removed when it ends."""
+    """Train; the signal handlers the run installs (save, then stop) are removed when it ends."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     cfg = load_train_config(argv)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         return train(cfg)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cli(argv: list[str] | None = None) -> int:

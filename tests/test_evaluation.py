@@ -236,7 +236,8 @@ def test_quality_command_with_clip_score(tiny_pipeline_dir, dino_dir, clip_dir, 
     assert results["clip_score"] == pytest.approx(quality.clip_score(images, call[1], clip)["clip_score"], abs=1e-6)
     assert clip(images[:1]).shape == (1, 16)
     assert_one_line_error(capsys, main(["quality", "--generated", str(gen), "--reference", str(tmp_path / "none"),
-                                        "--embedder", str(dino_dir), "--output_dir", str(out)]), "--reference", "no such folder")
+                                        "--embedder", str(dino_dir), "--output_dir", str(tmp_path / "q2")]), "--reference",
+                          "no such folder")
 
 
 def test_clip_score_is_100_times_each_images_clamped_cosine_with_its_own_caption():

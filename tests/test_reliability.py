@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
-from helpers.training import LORA_FILE, launch_command, lora_weights, run_inprocess, subprocess_env, tiny_args
+from helpers.training import LORA_FILE, launch_command, lora_weights, record_steps, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
 
 STEPS = 42  # not a multiple of the 4 steps per epoch (8 images, batch 2): the last epoch is partial
@@ -83,15 +83,26 @@ def _group_gone(pgid: int, timeout=60.0) -> None:
     raise TimeoutError(f"process group {pgid} still alive")
 
 
-def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: int) -> bool:
+def _inode(path: Path) -> int | None:
+    """The folder's identity, None once it is gone (a save in progress is renamed into place)."""
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: int) -> tuple[bool, int]:
     """Start `accelerate launch`, wait for a checkpoint newer than the resumed one (``moment="checkpoint"``,
     then ``delay`` seconds) or for a save in progress (``moment="saving"``), then signal the whole process
-    group, as a preempted node does. Returns whether the run was still going when it was signalled."""
+    group, as a preempted node does. Returns whether the run was still going when it was signalled, and
+    the launcher's exit status."""
     start = max([_step(p) for p in checkpointing.list_checkpoints(out)], default=0)
     pattern = "checkpoint-*" if moment == "checkpoint" else ".tmp-checkpoint-*"
+    left = {p.name: _inode(p) for p in out.glob(pattern)}  # a save killed earlier is not this run's
 
     def progressed():
-        return any(_step(p) > start for p in out.glob(pattern) if p.name.rsplit("-", 1)[1].isdigit())
+        return any(_step(p) > start and left.get(p.name) != _inode(p) for p in out.glob(pattern)
+                   if p.name.rsplit("-", 1)[1].isdigit())
 
     with open(log, "w") as fh:
         proc = subprocess.Popen(launch_command(args), cwd=ROOT, env=subprocess_env(), stdout=fh, stderr=fh,
@@ -103,38 +114,54 @@ def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: in
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
             pass
-        proc.wait()
+        status = proc.wait()
         _group_gone(proc.pid)
-    return alive
+    return alive, status
+
+
+def _identities(out: Path) -> dict:
+    """Each complete checkpoint's folder identity: a re-save replaces the folder (another inode)."""
+    return {p.name: p.stat().st_ino for p in checkpointing.list_checkpoints(out)}
 
 
 @pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
-def test_killed_at_random_moments_then_resumed_equals_uninterrupted_run(uninterrupted, tmp_path, tiny_pipeline_dir):
+def test_killed_at_random_moments_then_resumed_equals_uninterrupted_run(monkeypatch, uninterrupted, tmp_path,
+                                                                       tiny_pipeline_dir):
     """kill -9 (twice at random moments, once in the middle of a save) and a SIGTERM, each followed by
     `--resume_from_checkpoint latest`: the final LoRA is bit-identical to the uninterrupted run's, and
-    `latest` is always a complete, loadable checkpoint."""
+    `latest` is always a complete, loadable checkpoint. Each resume read its checkpoint: it says so, no
+    earlier checkpoint is saved again, and the last one runs only the steps after it."""
     rng = random.Random(20240410)
     out = tmp_path / "out"
     args = tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint", "latest", steps=STEPS)
     plan = [("checkpoint", signal.SIGKILL), ("saving", signal.SIGKILL),
             ("checkpoint", signal.SIGKILL), ("checkpoint", signal.SIGTERM)]
+    previous = None
     for i, (moment, signum) in enumerate(plan):
         delay = rng.uniform(0.0, 0.3) if moment == "checkpoint" else 0.0
         log = tmp_path / f"run{i}.log"
-        assert _interrupt(args, out, log, moment, delay, signum), f"run {i} ended before it was interrupted"
+        before = _identities(out)
+        alive, status = _interrupt(args, out, log, moment, delay, signum)
+        assert alive, f"run {i} ended before it was interrupted"
+        text = log.read_text()
+        if previous is not None:  # resumed: from the checkpoint the last run left, and nothing before it re-saved
+            assert f"resumed from {previous} at step {_step(previous)}" in text, text[-3000:]
+            assert {k: v for k, v in _identities(out).items() if k in before} == before
         latest = checkpointing.resolve_checkpoint("latest", out)
         assert latest is not None and latest.parent == out
         step = _assert_loadable(latest)
-        if signum == signal.SIGTERM:  # preemption: a checkpoint at the step it stopped, then exit
-            text = log.read_text()
-            assert "stopped by signal 15" in text, text[-3000:]
-            assert f"at step {step};" in text
+        if signum == signal.SIGTERM:  # preemption: a checkpoint at the step it stopped, then exit 143
+            assert status == 143, text[-3000:]
+            assert f"stopped by signal 15 (SIGTERM) at step {step};" in text, text[-3000:]
+        previous = latest
+    steps = record_steps(monkeypatch)
     assert run_inprocess(args) == 0
+    assert steps == list(range(_step(previous) + 1, STEPS + 1))
     _assert_same_weights(lora_weights(uninterrupted), lora_weights(out))
     assert not list(out.glob(".tmp-checkpoint-*"))
 
 
-def test_half_written_save_is_never_resumed_from(uninterrupted, tmp_path, tiny_pipeline_dir):
+def test_half_written_save_is_never_resumed_from(monkeypatch, uninterrupted, tmp_path, tiny_pipeline_dir):
     """A kill in the middle of a save leaves a `.tmp-checkpoint-N` (partial) or, with a non-atomic writer,
     a `checkpoint-N` without its trainer state: `latest` skips both and the resumed run ends as the
     uninterrupted one did."""
@@ -156,21 +183,25 @@ def test_half_written_save_is_never_resumed_from(uninterrupted, tmp_path, tiny_p
     assert checkpointing.resolve_checkpoint("latest", out) == last_good
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         checkpointing.resolve_checkpoint(unfinished.name, out)
+    steps = record_steps(monkeypatch)
     assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint",
                                    "latest", steps=STEPS)) == 0
+    assert steps == list(range(STEPS - 4 + 1, STEPS + 1))  # from the last good checkpoint on
     _assert_same_weights(lora_weights(uninterrupted), lora_weights(out))
     assert not partial.exists()
     assert _assert_loadable(checkpointing.resolve_checkpoint("latest", out)) == STEPS
 
 
-def test_resume_from_the_final_checkpoint_takes_no_extra_step(uninterrupted, tmp_path, tiny_pipeline_dir):
+def test_resume_from_the_final_checkpoint_takes_no_extra_step(monkeypatch, uninterrupted, tmp_path, tiny_pipeline_dir):
     """Killed after the last checkpoint but before the final weights were written: resuming finishes
-    without training past --max_train_steps."""
+    without training a single step."""
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     (out / LORA_FILE).unlink()
+    steps = record_steps(monkeypatch)
     assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint",
                                    "latest", steps=STEPS)) == 0
+    assert steps == []
     _assert_same_weights(lora_weights(uninterrupted), lora_weights(out))
 
 

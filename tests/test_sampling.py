@@ -207,10 +207,10 @@ def test_generate_command_writes_images_grid_and_settings(tiny_pipeline_dir, tmp
 
 def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path, capsys):
     base = ["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "x", "--resolution", "64",
-            "--output_dir", str(tmp_path)]
+            "--output_dir", str(tmp_path / "out")]
     assert_one_line_error(capsys, main(base + ["--scheduler", "NoSuchScheduler"]), "--scheduler 'NoSuchScheduler'")
     (tmp_path / "weights.bin").write_bytes(b"")
     assert_one_line_error(capsys, main(base + ["--lora_path", str(tmp_path / "weights.bin")]), "--lora_path", "only .safetensors")
     assert_one_line_error(capsys, main(base[:3] + ["--prompts_file", str(tmp_path / "missing.txt"), "--output_dir",
-                                                   str(tmp_path)]), "--prompts_file", "no such file")
+                                                   str(tmp_path / "out")]), "--prompts_file", "no such file")
     assert_one_line_error(capsys, main(base + ["--num_inference_steps", "3.5"]), "--num_inference_steps", "3.5")

@@ -11,7 +11,7 @@ from helpers import ROOT
 # other's functions (the demo runs the trainer and the memorisation report).
 LAYERS = [
     {"errors", "files", "durable", "text", "lora_formats", "compile"},
-    {"objectives", "images", "tiny"},
+    {"objectives", "images", "tiny", "outputs"},
     {"step", "data", "sampling", "models", "checkpointing", "hub", "validation", "evaluation.features",
      "evaluation.report"},
     {"cache", "pipelines", "toy"},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import DEMO_IMAGES, ROOT
-from helpers.training import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
+from helpers.training import LORA_FILE, launch, lora_weights, record_steps, run_inprocess, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,9 @@ def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pi
     shutil.rmtree(out / "checkpoint-6")
     for name in (LORA_FILE, "pytorch_lora_weights_kohya.safetensors", "README.md"):
         (out / name).unlink()
-    launch(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--consistency_weight", "0.5",
-                     "--resume_from_checkpoint", "latest"))
+    proc = launch(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--consistency_weight", "0.5",
+                            "--resume_from_checkpoint", "latest"))
+    assert "ran steps 4-6 of 6" in proc.stderr  # from the checkpoint on, not again from step 1
     expected, resumed = lora_weights(lora_run), lora_weights(out)
     assert expected.keys() == resumed.keys()
     for key in expected:
@@ -152,7 +153,7 @@ def test_bf16_lora_keeps_trained_weights_in_fp32(monkeypatch, tmp_path, tiny_pip
     from sdxl_ambient import train
 
     runs, real_setup = [], train.setup
-    monkeypatch.setattr(train, "setup", lambda cfg: runs.append(real_setup(cfg)) or runs[-1])
+    monkeypatch.setattr(train, "setup", lambda *args: runs.append(real_setup(*args)) or runs[-1])
     out = tmp_path / "bf16"
     assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--mixed_precision", "bf16",
                                    "--consistency_weight", "1", steps=2)) == 0
@@ -167,7 +168,7 @@ def test_bf16_lora_keeps_trained_weights_in_fp32(monkeypatch, tmp_path, tiny_pip
     assert all(torch.isfinite(v).all() for v in weights.values()) and _trained_lora_b(weights, "unet.")
 
 
-def test_resume_with_gradient_accumulation_over_uneven_epochs(tmp_path, tiny_pipeline_dir, image_folder):
+def test_resume_with_gradient_accumulation_over_uneven_epochs(monkeypatch, tmp_path, tiny_pipeline_dir, image_folder):
     """6 images in batches of 2 (3 micro-batches an epoch), accumulation 2: resuming mid-run is still exact."""
     lines = (image_folder / "metadata.jsonl").read_text().splitlines()[:6]
     (image_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
@@ -177,7 +178,9 @@ def test_resume_with_gradient_accumulation_over_uneven_epochs(tmp_path, tiny_pip
     shutil.copytree(full, cut)
     for name in (LORA_FILE, "README.md"):
         (cut / name).unlink()
+    steps = record_steps(monkeypatch)
     assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, cut, *accumulate, "--resume_from_checkpoint",
                                    "checkpoint-3", steps=5)) == 0
+    assert steps == [4, 5]  # resumed at step 3, not retrained from step 1
     expected, resumed = lora_weights(full), lora_weights(cut)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)

@@ -282,8 +282,11 @@ def parse_truncation(specs: Sequence[str] | None, names: Sequence[str]) -> dict[
     return out
 
 
+REPORT_FILES = ("memorization.json", "memorization.md", "histogram.png", "top_matches.png", "noise_attack.png")
+
+
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_data_source_arguments, add_model_arguments, add_sampling_arguments
+    from sdxl_ambient.config import add_data_source_arguments, add_model_arguments, add_output_folder_arguments, add_sampling_arguments
 
     add_data_source_arguments(parser)  # the fine-tuning set, read as training reads it
     parser.add_argument("--model", action="append", required=True, metavar="NAME=BASE[:LORA]",
@@ -297,7 +300,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attack_timestep", type=int, default=900)
     parser.add_argument("--attack_steps", type=int, default=50, help="DDIM steps of the full reconstruction")
     parser.add_argument("--top_k", type=int, default=8, help="closest pairs shown per model in top_matches.png")
-    parser.add_argument("--output_dir", required=True)
+    add_output_folder_arguments(parser)
     add_model_arguments(parser, base=False)
     add_sampling_arguments(parser)
 
@@ -307,9 +310,10 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSo
                     num_images: int = 100, num_attack_images: int = 8, attack_timestep: int = 900, attack_steps: int = 50,
                     top_k: int = 8, seed: int = 0, resolution: int = 1024, batch_size: int = 4, device=None,
                     pipeline_kwargs: Mapping | None = None, sample_kwargs: Mapping | None = None,
-                    settings: Mapping | None = None) -> dict[str, Path]:
+                    settings: Mapping | None = None, before_writing=None) -> dict[str, Path]:
     """The generation test and the noise attack for each (name, base, lora) model against the
-    training set ``source`` (:func:`read_training_set`); writes the report (:func:`write_report`) and returns its paths."""
+    training set ``source`` (:func:`read_training_set`); writes the report (:func:`write_report`) and returns its paths.
+    ``before_writing()``, if given, is called once everything is measured, right before the report is written."""
     from sdxl_ambient.data import load_image
     from sdxl_ambient.evaluation.features import ClipImageEmbedder, DinoV2Embedder
     from sdxl_ambient.models import resolve_device
@@ -349,23 +353,30 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSo
     record.update(models={n: {"base": b, "lora": lora, "ambient_timestep": truncation.get(n, 0)} for n, b, lora in specs},
                   attack_timestep=attack_timestep, training_images=[r.key for r in train],
                   sscd="not available (weights only as TorchScript/pickle)")
+    if before_writing is not None:
+        before_writing()
     return write_report(output_dir, results, record, train_images=train_images, top_k=top_k)
 
 
 def run(args) -> int:
-    from sdxl_ambient.config import data_source
+    from sdxl_ambient.config import data_source, input_paths
+    from sdxl_ambient.outputs import OutputFolder
 
     specs = [parse_model_spec(s) for s in args.model]
-    paths = evaluate_models(
-        specs, data_source(args), args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
-        truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
-        num_images=args.num_images, num_attack_images=args.num_attack_images, attack_timestep=args.attack_timestep,
-        attack_steps=args.attack_steps, top_k=args.top_k, seed=args.seed, resolution=args.resolution,
-        batch_size=args.batch_size, device=args.device,
-        pipeline_kwargs=dict(vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision,
-                             variant=args.variant, scheduler=args.scheduler, dtype=args.dtype),
-        sample_kwargs=dict(jump_margin=args.jump_margin, num_inference_steps=args.num_inference_steps,
-                           guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt),
-        settings=vars(args))
+    inputs = [*input_paths(args), ("--embedder", args.embedder), ("--clip_model", args.clip_model),
+              *[("--model", path) for _, base, lora in specs for path in (base, lora)]]
+    folder = OutputFolder(args.output_dir, command="memorization", writes=REPORT_FILES)
+    with folder.checked_and_locked(inputs, args.overwrite_output_dir):
+        paths = evaluate_models(
+            specs, data_source(args), args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
+            truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
+            num_images=args.num_images, num_attack_images=args.num_attack_images, attack_timestep=args.attack_timestep,
+            attack_steps=args.attack_steps, top_k=args.top_k, seed=args.seed, resolution=args.resolution,
+            batch_size=args.batch_size, device=args.device,
+            pipeline_kwargs=dict(vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision,
+                                 variant=args.variant, scheduler=args.scheduler, dtype=args.dtype),
+            sample_kwargs=dict(jump_margin=args.jump_margin, num_inference_steps=args.num_inference_steps,
+                               guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt),
+            settings=vars(args), before_writing=lambda: folder.start(clear=folder.own()))
     print(f"report: {paths['markdown']}")
     return 0

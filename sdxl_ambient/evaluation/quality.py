@@ -115,8 +115,11 @@ def generated_captions(folder: Path, files: list[Path]) -> list[str]:
     return [by_name[f.name] for f in files]
 
 
+REPORT_FILES = ("quality.json", "quality.md")
+
+
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_device_argument
+    from sdxl_ambient.config import add_device_argument, add_output_folder_arguments
 
     parser.add_argument("--generated", required=True, help="folder of generated images")
     parser.add_argument("--reference", required=True, help="folder of reference images")
@@ -128,11 +131,36 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kid_subset_size", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", required=True)
+    add_output_folder_arguments(parser)
     add_device_argument(parser)
 
 
 def run(args) -> int:
+    from sdxl_ambient.outputs import OutputFolder
+
+    inputs = [("--generated", args.generated), ("--reference", args.reference), ("--embedder", args.embedder),
+              ("--clip_model", args.clip_model)]
+    folder = OutputFolder(args.output_dir, command="quality", writes=REPORT_FILES)
+    with folder.checked_and_locked(inputs, args.overwrite_output_dir):
+        results = measure(args)
+        folder.start(clear=folder.own())
+        write_report(Path(args.output_dir), args, results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def write_report(out: Path, args, results: dict) -> None:
+    """``quality.json`` (settings and results) and ``quality.md`` (a table)."""
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    (out / "quality.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=str))
+    rows = [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    feats = args.features if args.features != "dinov2" else f"dinov2 ({args.embedder})"
+    (out / "quality.md").write_text("\n".join([f"# Quality: {args.generated} vs {args.reference}", "",
+                                               f"Features: {feats}.", "", "| metric | value |", "|---|---|", *rows, ""]))
+
+
+def measure(args) -> dict:
+    """FID and KID of --generated against --reference, and the CLIP score with --clip_model."""
     from sdxl_ambient.evaluation.features import ClipImageEmbedder
     from sdxl_ambient.models import resolve_device
 
@@ -145,13 +173,4 @@ def run(args) -> int:
     if args.clip_model:
         clip = feature.embedder if args.features == "clip" else ClipImageEmbedder(args.clip_model, device=device)
         results.update(clip_score(load_images(generated), generated_captions(Path(args.generated), generated), clip))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "quality.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=str))
-    rows = [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
-    feats = args.features if args.features != "dinov2" else f"dinov2 ({args.embedder})"
-    (out / "quality.md").write_text("\n".join([f"# Quality: {args.generated} vs {args.reference}", "",
-                                               f"Features: {feats}.", "", "| metric | value |", "|---|---|", *rows, ""]))
-    print(json.dumps(results, indent=2))
-    return 0
+    return results

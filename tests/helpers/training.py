@@ -51,16 +51,47 @@ def launch(args: list[str], num_processes: int = 1, timeout: int = 300, check: b
     return proc
 
 
-def run_inprocess(args: list[str]) -> int:
-    """train.main in this process (a fresh accelerate state each time)."""
+def _fresh_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    from sdxl_ambient.train import main
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def run_inprocess(args: list[str]) -> int:
+    """train.main in this process (a fresh accelerate state each time)."""
+    from sdxl_ambient.train import main
+
+    _fresh_accelerate_state()
     return main(args)
+
+
+def cli_inprocess(args: list[str]) -> int:
+    """train.cli in this process, as the command line runs it: a user error is one line and exit status 2."""
+    from sdxl_ambient.train import cli
+
+    _fresh_accelerate_state()
+    return cli(args)
+
+
+def record_steps(monkeypatch) -> list[int]:
+    """The optimizer steps the trainer runs from now on (the step each update completes), in order."""
+    from sdxl_ambient import train
+
+    steps, real = [], train.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", lambda run, micro, step: steps.append(step) or real(run, micro, step))
+    return steps
+
+
+def snapshot(folder) -> dict:
+    """Every file and folder under ``folder``, a file with its bytes and modification time: equal
+    snapshots, nothing created, changed or removed (a lock taken and released leaves none)."""
+    root = Path(folder)
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
 
 
 def lora_weights(output_dir) -> dict:

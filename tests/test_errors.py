@@ -1,0 +1,180 @@
+"""Checks before work, errors as one line: every input the trainer takes (each image and caption, the
+model folder, the checkpoint to resume) is checked before any model loads and before anything is
+written, so that a failed start can be rerun as it is; each expected error is one line naming the file
+or flag, exit status 2, also under `accelerate launch`."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
+from helpers.training import cli_inprocess, launch_command, run_inprocess, snapshot, subprocess_env, tiny_args
+from sdxl_ambient import checkpointing
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    from sdxl_ambient import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(models, "load_components", refuse)
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def _write_rows(folder, rows):
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _row_without_file_name(folder):
+    rows = _rows(folder)
+    rows[1] = {"text": rows[1]["text"]}
+    _write_rows(folder, rows)
+    return "metadata.jsonl, row 2: no 'file_name'"
+
+
+def _row_not_an_object(folder):
+    (folder / "metadata.jsonl").write_text((folder / "metadata.jsonl").read_text() + '["cat.png", "a cat"]\n')
+    return f"metadata.jsonl, row {len(_rows(folder))}: expected an object"
+
+
+def _broken_last_image(folder):
+    rows = _rows(folder)
+    last = folder / rows[-1]["file_name"]
+    last.write_bytes(last.read_bytes()[:200])  # truncated: the last image read, so every image is read first
+    return str(last)
+
+
+def _empty_caption(folder):
+    rows = _rows(folder)
+    rows[-1]["text"] = " "
+    _write_rows(folder, rows)
+    return "have an empty caption"
+
+
+def _no_unet_weights(folder, model):
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    return "--pretrained_model_name_or_path", "unet/ holds no safetensors weights"
+
+
+@pytest.mark.parametrize("break_input", [_row_without_file_name, _row_not_an_object, _broken_last_image, _empty_caption,
+                                         _no_unet_weights])
+def test_a_bad_input_is_one_line_before_any_model_loads_and_the_fixed_start_runs_as_is(monkeypatch, capsys, tmp_path,
+                                                                                        tiny_pipeline_dir, image_folder,
+                                                                                        break_input):
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_pipeline_dir, model)
+    shutil.copytree(image_folder, tmp_path / "pristine")
+    args = tiny_args(model, image_folder, out, steps=1)
+    fragments = break_input(image_folder, model) if break_input is _no_unet_weights else (break_input(image_folder),)
+    with monkeypatch.context() as patch:
+        from sdxl_ambient import models
+
+        patch.setattr(models, "load_components", lambda *a, **k: pytest.fail("a model loaded before the check"))
+        assert_one_line_error(capsys, cli_inprocess(args), *fragments)
+    assert not out.exists()  # nothing written: not the settings, not a lock, not the folder
+    shutil.rmtree(image_folder)  # fixed, the very same command runs
+    shutil.copytree(tmp_path / "pristine", image_folder)
+    shutil.rmtree(model / "unet")
+    shutil.copytree(tiny_pipeline_dir / "unet", model / "unet")
+    assert cli_inprocess(args) == 0
+
+
+def test_integer_flags_given_as_floats_in_yaml_are_one_line_before_any_model_loads(no_models, capsys, tmp_path,
+                                                                                   tiny_pipeline_dir, image_folder):
+    config = tmp_path / "run.yaml"
+    for line in ("train_batch_size: 2.0", "max_train_steps: 100.0", "rank: 4.5"):
+        config.write_text(line + "\n")
+        assert_one_line_error(capsys, cli_inprocess(["--config", str(config), *tiny_args(tiny_pipeline_dir, image_folder,
+                                                                                         tmp_path / "out")]),
+                              f"--config {config}: {line.split(':')[0]}: ", "is not a valid int")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_pipeline_dir):
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, steps=6)) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda c: c / "optimizer.bin", "optimizer.bin is truncated or damaged"),
+    (lambda c: c / "pytorch_lora_weights.safetensors", "pytorch_lora_weights.safetensors is truncated or damaged"),
+    (lambda c: c / "rng-0.safetensors", "rng-0.safetensors is truncated or damaged"),
+    (lambda c: c / checkpointing.STATE_FILE, f"{checkpointing.STATE_FILE} is damaged"),
+])
+def test_a_truncated_checkpoint_file_is_named_before_any_model_loads(no_models, capsys, finished, tmp_path,
+                                                                     tiny_pipeline_dir, damage, fragment):
+    out = shutil.copytree(finished, tmp_path / "out")
+    file = damage(out / "checkpoint-6")
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+    before = snapshot(out)
+    line = assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--resume_from_checkpoint",
+                                                                 "latest")), str(file.parent), fragment)
+    assert "--resume_from_checkpoint checkpoint-3" in line  # the way out: the checkpoint before it
+    assert snapshot(out) == before
+
+
+def test_a_damaged_checkpoint_of_the_same_size_is_one_line_naming_it(capsys, finished, tmp_path, tiny_pipeline_dir):
+    out = shutil.copytree(finished, tmp_path / "out")
+    optimizer = out / "checkpoint-6" / "optimizer.bin"
+    optimizer.write_bytes(bytes(len(optimizer.read_bytes())))  # zeros: the size matches, the content is gone
+    assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--resume_from_checkpoint",
+                                                          "latest")),
+                          f"{out / 'checkpoint-6'} cannot be loaded into this run", "checkpoint-3")
+
+
+def test_a_checkpoint_without_a_fingerprint_and_another_rank_is_one_line(capsys, caplog, finished, tmp_path,
+                                                                        tiny_pipeline_dir):
+    """A checkpoint of an older version records no fingerprint: it is compared as far as it can be, and
+    weights of another shape are one line naming it (today: a size-mismatch traceback)."""
+    out = shutil.copytree(finished, tmp_path / "out")
+    state_file = out / "checkpoint-6" / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]
+    state_file.write_text(json.dumps(state))
+    assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--resume_from_checkpoint",
+                                                          "latest", "--rank", "8")),
+                          f"{out / 'checkpoint-6'} cannot be loaded into this run")
+    assert "records no run fingerprint" in caplog.text
+
+
+# ----------------------------------------------------------------------------- under accelerate launch
+
+
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
+def test_under_accelerate_launch_quiet_the_error_is_one_line(tmp_path, tiny_pipeline_dir, image_folder):
+    """accelerate's launcher adds its own traceback after a failed training process unless --quiet:
+    with it, the user's whole output is the one line."""
+    args = tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "out", "--resolution", "63")
+    command = launch_command(args)
+    command.insert(command.index("--num_machines"), "--quiet")
+    proc = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines == ["error: --resolution 63 must be a positive multiple of 8 (the VAE "
+                                              "downsamples by 8)"], proc.stderr
+
+
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
+def test_under_accelerate_launch_with_two_processes_the_summary_names_the_error(tmp_path, tiny_pipeline_dir, image_folder):
+    """With several processes torch's launcher prints a failure summary: its root cause is our line (not
+    "To enable traceback see ..."); the main process prints the line once, the others exit quietly."""
+    _row_without_file_name(image_folder)
+    args = tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "out")
+    command = launch_command(args, num_processes=2)
+    command.insert(command.index("--num_machines"), "--quiet")
+    proc = subprocess.run(command, cwd=ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
+                          timeout=300)
+    cause = proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert "traceback : error: " in cause and "row 2: no 'file_name'" in cause, proc.stderr
+    assert "Traceback (most recent call last)" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error: ")]) == 1  # the main process's
+    assert not (tmp_path / "out").exists()
