@@ -121,6 +121,38 @@ def _add_objective_arguments(parser) -> None:
                    help="Stop after this many non-finite losses in a row (each one's step is skipped with a warning).")
 
 
+# Flags of diffusers' scripts that contradict the ambient objective: (flag, how it is "on", why it is refused).
+CONTRADICTING_FLAGS = (
+    ("noise_offset", lambda v: v not in (None, 0),
+     "offset noise adds noise shared across each channel, but the ambient loss renoises the observation with the "
+     "isotropic Gaussian noise its own noise was drawn from: Tweedie's formula then no longer gives E[x0 | x_t]"),
+    ("snr_gamma", lambda v: v is not None,
+     "the ambient loss sets its own weight per timestep (--loss_weighting epsilon with --loss_weight_cap), which "
+     "replaces min-SNR weighting"),
+    ("input_perturbation", lambda v: v not in (None, 0),
+     "input perturbation feeds the network x_t made with other noise than the target's, but the ambient target "
+     "E[y | x_t] holds only for x_t renoised from the observation with isotropic Gaussian noise"),
+)
+
+
+def _add_refused_arguments(parser) -> None:
+    """diffusers' and kohya's names for noise and weighting tricks, accepted so that they are refused with a reason."""
+    g = parser.add_argument_group("refused under the ambient objective (accepted only to explain why)")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Refused: the ambient loss assumes isotropic Gaussian noise.")
+    g.add_argument("--snr_gamma", "--min_snr_gamma", dest="snr_gamma", type=float, default=None,
+                   help="Refused: the ambient loss weighting (--loss_weighting, --loss_weight_cap) replaces min-SNR.")
+    g.add_argument("--input_perturbation", "--ip_noise_gamma", dest="input_perturbation", type=float, default=0.0,
+                   help="Refused: the ambient loss assumes x_t renoised from the observation with isotropic Gaussian noise.")
+
+
+def refuse_contradicting_flags(args) -> None:
+    """One line naming the flag and why it contradicts the ambient math, before any model loads."""
+    for flag, given, reason in CONTRADICTING_FLAGS:
+        value = getattr(args, flag)
+        if given(value):
+            raise UserError(f"--{flag} {value} is refused: {reason}")
+
+
 def _add_training_arguments(parser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--cache_dir", type=str, default=None, help="Where the noisy-latent cache goes (default OUTPUT_DIR/latent_cache).")
@@ -193,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_noise_arguments(p)
     _add_objective_arguments(p)
     _add_training_arguments(p)
+    _add_refused_arguments(p)
     _add_output_arguments(p)
     return p
 
@@ -289,6 +322,7 @@ def check_flags(args: argparse.Namespace) -> None:
                         "set HF_TOKEN in the environment or run `hf auth login`")
     if not args.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required")
+    refuse_contradicting_flags(args)
     _at_least(args, 1, "train_batch_size", "gradient_accumulation_steps", "rank", "max_train_steps", "num_train_epochs",
               "checkpointing_steps", "validation_steps", "logging_steps", "max_nonfinite_steps", "checkpoints_total_limit",
               "num_validation_images", "validation_inference_steps")

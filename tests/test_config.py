@@ -143,3 +143,29 @@ def test_settings_record_holds_the_flags_and_the_resolved_values_but_no_secret(t
     text = json.dumps(record)
     assert "s3cr3t" not in text and "noise_seed" not in text
     assert record["learning_rate"] == pytest.approx(1e-4) and record["resolved"]["learning_rate"] == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--noise_offset", "0.05"], "--noise_offset 0.05 is refused: offset noise"),
+    (["--snr_gamma", "5"], "--snr_gamma 5.0 is refused: the ambient loss sets its own weight per timestep"),
+    (["--min_snr_gamma", "5"], "--snr_gamma 5.0 is refused"),  # kohya's spelling
+    (["--input_perturbation", "0.1"], "--input_perturbation 0.1 is refused: input perturbation"),
+    (["--ip_noise_gamma", "0.1"], "--input_perturbation 0.1 is refused"),  # kohya's spelling
+])
+def test_flags_that_contradict_the_ambient_math_are_refused_before_any_model_loads(tmp_path, capsys, no_models, extra, fragment):
+    from sdxl_ambient.train import cli
+
+    line = assert_one_line_error(capsys, cli([*required(tmp_path), *extra]), fragment)
+    assert "isotropic" in line or "replaces min-SNR" in line
+    key = {"--min_snr_gamma": "snr_gamma", "--ip_noise_gamma": "input_perturbation"}.get(extra[0], extra[0][2:])
+    path = write_yaml(tmp_path, f"{key}: {extra[1]}\n")
+    assert_one_line_error(capsys, cli(["--config", str(path), *required(tmp_path)]), fragment.split(":")[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_off_values_of_refused_flags_are_accepted(tmp_path):
+    """diffusers' defaults (noise_offset 0, input_perturbation 0) switch the tricks off: a config copied from
+    diffusers that spells them out still runs."""
+    path = write_yaml(tmp_path, "noise_offset: 0\ninput_perturbation: 0.0\nsnr_gamma: null\n")
+    args = config.parse_args(["--config", str(path), *required(tmp_path)])
+    assert args.noise_offset == 0 and args.snr_gamma is None
