@@ -24,6 +24,7 @@ from sdxl_ambient.data import DataConfig, DataSource
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import LATENT_CACHE_DIR
 from sdxl_ambient.models import DTYPES
+from sdxl_ambient.optimizers import OPTIMIZERS, OptimizerSettings
 from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN
 from sdxl_ambient.step import ObjectiveSettings
 from sdxl_ambient.validation import ValidationSettings
@@ -39,6 +40,16 @@ class FlagParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(message)
+
+
+def str_to_bool(text: str) -> bool:
+    """A flag that takes a value (diffusers' ``--prodigy_decouple True``): true/false, yes/no, 1/0."""
+    word = str(text).strip().lower()
+    if word in ("true", "yes", "1"):
+        return True
+    if word in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 
@@ -172,7 +183,18 @@ def _add_training_arguments(parser) -> None:
     g.add_argument("--scale_lr", action="store_true")
     g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     g.add_argument("--lr_warmup_steps", type=int, default=500)
-    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--optimizer", type=str, default="adamw", choices=list(OPTIMIZERS),
+                   help="adamw (torch's fused AdamW, or 8-bit with --use_8bit_adam), prodigy (pip install 'sdxl-ambient[prodigy]'; "
+                        "--learning_rate 1.0 multiplies its own step size) or adafactor (fixed learning rate, no first moment).")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install 'sdxl-ambient[bnb]').")
+    g.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="Learning rate of the text encoders' LoRA with --train_text_encoder (default: --learning_rate).")
+    g.add_argument("--prodigy_beta3", type=float, default=None,
+                   help="Prodigy's coefficient for its step-size running averages (default: sqrt(adam_beta2)).")
+    g.add_argument("--prodigy_decouple", type=str_to_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay.")
+    g.add_argument("--prodigy_use_bias_correction", type=str_to_bool, default=True, help="Prodigy: Adam's bias correction.")
+    g.add_argument("--prodigy_safeguard_warmup", type=str_to_bool, default=True,
+                   help="Prodigy: leave the learning rate out of the step-size estimate's denominator during warm-up.")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -256,6 +278,8 @@ def _yaml_value(action: argparse.Action, value, where: str):
         return value
     if value is None:
         return action.default
+    if isinstance(value, bool) and action.type is str_to_bool:
+        return value
     if isinstance(value, bool):
         word = "yes" if value else "no"
         raise UserError(f"{where}: YAML reads {word} unquoted as the boolean {value}; write it in quotes (\"{word}\") "
@@ -335,6 +359,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--push_checkpoints_to_hub needs --push_to_hub (and --hub_model_id or the output folder's name)")
     if args.push_training_state and not args.push_checkpoints_to_hub:
         raise UserError("--push_training_state goes with --push_checkpoints_to_hub")
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise UserError("--text_encoder_lr sets the text encoders' learning rate: it goes with --train_text_encoder")
 
 
 # ----------------------------------------------------------------------------- settings per concern
@@ -365,6 +391,14 @@ def objective_settings(args) -> ObjectiveSettings:
                              consistency_start_step=args.consistency_start_step)
 
 
+def optimizer_settings(args) -> OptimizerSettings:
+    return OptimizerSettings(name=args.optimizer, text_encoder_lr=args.text_encoder_lr, use_8bit_adam=args.use_8bit_adam,
+                             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                             eps=args.adam_epsilon, prodigy_beta3=args.prodigy_beta3, prodigy_decouple=args.prodigy_decouple,
+                             prodigy_use_bias_correction=args.prodigy_use_bias_correction,
+                             prodigy_safeguard_warmup=args.prodigy_safeguard_warmup)
+
+
 def validation_settings(args) -> ValidationSettings | None:
     if not args.validation_prompt:
         return None
@@ -383,6 +417,7 @@ class TrainConfig:
     data: DataConfig
     cache: CacheSettings
     objective: ObjectiveSettings
+    optimizer: OptimizerSettings
     validation: ValidationSettings | None
 
 
@@ -393,4 +428,4 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     if args.ambient_timestep is not None:
         objective.check_timestep(args.ambient_timestep)
     return TrainConfig(flags=args, source=data_source(args), data=data_config(args), cache=cache_settings(args),
-                       objective=objective, validation=validation_settings(args))
+                       objective=objective, optimizer=optimizer_settings(args), validation=validation_settings(args))

@@ -131,16 +131,12 @@ def setup_trainable(flags, components, device, weight_dtype):
     return trained, [p for m in trained for p in m.parameters() if p.requires_grad]
 
 
-def make_optimizer(flags, params, learning_rate: float):
-    kwargs = dict(lr=learning_rate, betas=(flags.adam_beta1, flags.adam_beta2),
-                  weight_decay=flags.adam_weight_decay, eps=flags.adam_epsilon)
-    if flags.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install 'sdxl-ambient[bnb]'") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=True, **kwargs)  # fused: one kernel, and it can skip a step on device
+def param_groups(trained: list, learning_rate: float, text_encoder_lr: float) -> list[dict]:
+    """The optimizer's parameter groups: the UNet's trainable parameters, then the text encoders' (if they train)."""
+    def trainable(models):
+        return [p for m in models for p in m.parameters() if p.requires_grad]
+
+    return [{"params": trainable(trained[:1]), "lr": learning_rate}, {"params": trainable(trained[1:]), "lr": text_encoder_lr}]
 
 
 class NonFiniteGuard:
@@ -149,7 +145,8 @@ class NonFiniteGuard:
     The fused AdamW reads ``found_inf`` on the device and leaves weights and moments untouched
     when it is set (the mechanism torch's GradScaler uses). The flags are read back every
     ``limit`` steps: each skipped step gets a warning, and ``limit`` in a row stop the run.
-    Optimizers that cannot skip on device (8-bit Adam) are checked every step instead. Where
+    Optimizers that cannot skip on device (8-bit Adam, Prodigy, Adafactor) are checked on the host
+    every step instead and their step is not called. Where
     something else owns the update (``external``: fp16's GradScaler, DeepSpeed), only non-finite
     losses are counted and stopped on. A skipped update still advances the LR schedule and EMA."""
 
@@ -222,10 +219,13 @@ class Resolved:
     ambient_timestep: int
     learning_rate: float
     objective: dict
+    text_encoder_lr: float | None = None  # when the text encoders train
 
     def as_dict(self) -> dict:
-        return {"seed": self.seed, "ambient_timestep": self.ambient_timestep, "learning_rate": self.learning_rate,
-                **self.objective}
+        out = {"seed": self.seed, "ambient_timestep": self.ambient_timestep, "learning_rate": self.learning_rate}
+        if self.text_encoder_lr is not None:
+            out["text_encoder_lr"] = self.text_encoder_lr
+        return {**out, **self.objective}
 
 
 @dataclass
@@ -299,8 +299,8 @@ def setup(cfg: TrainConfig) -> Run:
     # what trains, the optimizer and the LR schedule
     trained, params = setup_trainable(flags, components, accelerator.device, weight_dtype)
     scale = flags.gradient_accumulation_steps * flags.train_batch_size * accelerator.num_processes if flags.scale_lr else 1
-    learning_rate = flags.learning_rate * scale
-    optimizer = make_optimizer(flags, params, learning_rate)
+    learning_rate, text_encoder_lr = cfg.optimizer.learning_rates(flags.learning_rate, scale)
+    optimizer = cfg.optimizer.build(param_groups(trained, learning_rate, text_encoder_lr))
     ema = None
     if flags.use_ema:
         from diffusers.training_utils import EMAModel
@@ -327,7 +327,8 @@ def setup(cfg: TrainConfig) -> Run:
                                      text_encoder_2=unwrapped[2] if flags.train_text_encoder else None, ema_unet=ema)
 
     resolved = Resolved(seed=seed, ambient_timestep=cache.ambient_timestep, learning_rate=learning_rate,
-                        objective=cfg.objective.resolved(cache.ambient_timestep))
+                        objective=cfg.objective.resolved(cache.ambient_timestep),
+                        text_encoder_lr=text_encoder_lr if flags.train_text_encoder else None)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed * 1009 + accelerator.process_index)
     guard = NonFiniteGuard(optimizer.optimizer, flags.max_nonfinite_steps,
                            external=accelerator.scaler is not None or accelerator.state.deepspeed_plugin is not None)
@@ -406,8 +407,14 @@ def log_losses(run: Run, meter: LossMeter, step: int, progress) -> None:
     values = meter.mean(run.accelerator)
     if values is None:
         return
-    logs = {"loss": values[0], "ambient_loss": values[1], "consistency_loss": values[2],
-            "lr": run.lr_scheduler.get_last_lr()[0]}
+    from sdxl_ambient.optimizers import effective_learning_rate
+
+    rates = run.lr_scheduler.get_last_lr()
+    logs = {"loss": values[0], "ambient_loss": values[1], "consistency_loss": values[2], "lr": rates[0]}
+    if len(rates) > 1:
+        logs["lr_text_encoder"] = rates[1]
+    if (d_lr := effective_learning_rate(run.optimizer.optimizer)) is not None:
+        logs["d*lr"] = d_lr  # Prodigy's own step size
     run.accelerator.log(logs, step=step)
     progress.set_postfix(loss=f"{values[0]:.4g}")
 

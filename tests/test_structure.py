@@ -12,7 +12,7 @@ from helpers import ROOT
 LAYERS = [
     {"errors", "files", "durable", "text", "lora_formats"},
     {"objectives", "images", "tiny"},
-    {"step", "data", "sampling", "models", "checkpointing", "hub", "validation", "evaluation.features",
+    {"step", "data", "sampling", "models", "checkpointing", "hub", "validation", "optimizers", "evaluation.features",
      "evaluation.report"},
     {"cache", "pipelines", "toy"},
     {"config"},
