@@ -100,6 +100,20 @@ def place_frozen(flags, components, device, weight_dtype) -> None:
         te.to(device, dtype=weight_dtype)
 
 
+@torch.no_grad()
+def encode_empty_prompt(components, device) -> dict:
+    """The empty prompt as both tokenizers' ids and its SDXL embeddings, encoded once. As in diffusers'
+    scripts, a dropped caption is the empty string through both text encoders, the pooled embedding
+    included (not zeros)."""
+    from sdxl_ambient.text import tokenize
+
+    ids_one, ids_two = tokenize(components.tokenizer, [""]), tokenize(components.tokenizer_2, [""])
+    embeds, pooled = text_embeddings(components.text_encoder, components.text_encoder_2, ids_one, ids_two)
+    # as the cache stores captions' embeddings: float16
+    return {"input_ids_one": ids_one.to(device), "input_ids_two": ids_two.to(device),
+            "prompt_embeds": embeds.to(device, torch.float16), "pooled_prompt_embeds": pooled.to(device, torch.float16)}
+
+
 def setup_trainable(flags, components, device, weight_dtype):
     """Freeze the base model, add what trains (LoRA adapters or the whole UNet); returns the
     trained models (UNet first) and their trainable parameters."""
@@ -252,6 +266,7 @@ class Run:
     max_steps: int
     resume_path: Path | None
     val_prompts: dict | None = None
+    empty_prompt: dict | None = None  # with --proportion_empty_prompts
     pusher: Any = None
     stop_signal: list = field(default_factory=list)
 
@@ -292,6 +307,7 @@ def setup(cfg: TrainConfig) -> Run:
     cache = prepare_cache(cfg.source, cfg.data, cfg.cache, components, accelerator)
     objective = cfg.objective.build(cache.ambient_timestep, components.noise_scheduler, accelerator.device)
     val_prompts = validation.encode_prompts(components, cfg.validation) if cfg.validation else None
+    empty_prompt = encode_empty_prompt(components, accelerator.device) if flags.proportion_empty_prompts > 0 else None
     if not flags.train_text_encoder:  # the cache holds the embeddings: free the device
         components.text_encoder.to("cpu")
         components.text_encoder_2.to("cpu")
@@ -335,7 +351,8 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg=cfg, resolved=resolved, accelerator=accelerator, components=components, cache=cache, sampler=sampler,
               loader=loader, trained=trained, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
               objective=objective, generator=generator, guard=guard, weight_dtype=weight_dtype,
-              steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path, val_prompts=val_prompts)
+              steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path, val_prompts=val_prompts,
+              empty_prompt=empty_prompt)
     if accelerator.is_main_process:
         hub.write_settings(flags.output_dir, settings_record(run))
         accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
@@ -372,13 +389,31 @@ def start_epoch(run: Run, epoch: int, step: int) -> None:
         m.train()
 
 
+def prompt_conditioning(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's text embeddings (cached, or from the training text encoders); with
+    --proportion_empty_prompts p each sample's caption is the empty prompt with probability p, drawn
+    per sample at every step from the run's generator."""
+    drop = None
+    if run.empty_prompt is not None:
+        n = batch["input_ids_one"].shape[0]
+        drop = torch.rand(n, generator=run.generator, device=run.generator.device) < run.flags.proportion_empty_prompts
+        drop = drop.to(run.accelerator.device)
+
+    def chosen(key):
+        value = batch[key]
+        if drop is None:
+            return value
+        return torch.where(drop.view(-1, *[1] * (value.ndim - 1)), run.empty_prompt[key].to(value.dtype), value)
+
+    if run.text_models is None:
+        return chosen("prompt_embeds"), chosen("pooled_prompt_embeds")
+    return text_embeddings(*run.text_models, chosen("input_ids_one"), chosen("input_ids_two"))
+
+
 def forward_backward(run: Run, batch: dict, step: int) -> torch.Tensor:
     """The objective on one micro-batch, backpropagated; returns (loss, ambient, consistency) on the device."""
     batch = {k: v.to(run.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if run.text_models is None:
-        prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    else:
-        prompt_embeds, pooled = text_embeddings(*run.text_models, batch["input_ids_one"], batch["input_ids_two"])
+    prompt_embeds, pooled = prompt_conditioning(run, batch)
     net = conditioned_unet(run.trained[0], prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
     with run.accelerator.autocast():
         losses = run.objective(net, batch["observed"], batch["observed_timestep"], generator=run.generator,

@@ -202,3 +202,67 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_pipeline_
     assert len(grads) == len(grads_ckpt) and any(g.abs().max() > 0 for g in grads)
     for g, g_ckpt in zip(grads, grads_ckpt):
         torch.testing.assert_close(g_ckpt, g, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- caption dropout
+
+
+def _record(monkeypatch, name: str) -> list:
+    """Record the first two arguments of ``sdxl_ambient.train.<name>`` at every call."""
+    from sdxl_ambient import train
+
+    seen, real = [], getattr(train, name)
+
+    def recording(*args, **kwargs):
+        seen.append(tuple(a.detach().cpu().clone() for a in args[1:3]) if name == "conditioned_unet"
+                    else tuple(a.detach().cpu().clone() for a in args[2:4]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, recording)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def empty_prompt_by_diffusers(tiny_pipeline_dir):
+    """diffusers' own encoding of the empty prompt (both encoders, pooled included), and its token ids."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    embeds, _, pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+    ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return embeds[0], pooled[0], ids[0]
+
+
+def _is_empty(embeds, pooled, expected) -> bool:
+    return torch.allclose(embeds.float(), expected[0], atol=2e-3) and torch.allclose(pooled.float(), expected[1], atol=2e-3)
+
+
+@pytest.mark.parametrize("p", ["1", "0.5", "0"])
+def test_caption_dropout_uses_the_empty_prompt_as_diffusers_encodes_it(monkeypatch, tmp_path, tiny_pipeline_dir, image_folder,
+                                                                      empty_prompt_by_diffusers, p):
+    """--proportion_empty_prompts: the UNet gets the empty prompt's embeddings (pooled included, as diffusers
+    encodes "") for that share of samples, drawn anew at every step; 0 leaves every caption."""
+    seen = _record(monkeypatch, "conditioned_unet")
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "out", "--proportion_empty_prompts", p,
+                                   steps=8)) == 0
+    flags = [_is_empty(e, q, empty_prompt_by_diffusers) for embeds, pooled in seen for e, q in zip(embeds, pooled)]
+    assert len(flags) == 16
+    if p == "1":
+        assert all(flags)
+    elif p == "0":
+        assert not any(flags)
+    else:
+        assert 3 <= sum(flags) <= 13  # binomial(16, 1/2): drawn, not fixed per image or per batch
+        per_step = [tuple(flags[i:i + 2]) for i in range(0, 16, 2)]
+        assert len(set(per_step)) > 1
+
+
+def test_caption_dropout_reaches_the_text_encoders_when_they_train(monkeypatch, tmp_path, tiny_pipeline_dir, image_folder,
+                                                                   empty_prompt_by_diffusers):
+    """Under --train_text_encoder the dropped captions are the empty prompt's token ids, encoded by the
+    text encoders being trained."""
+    seen = _record(monkeypatch, "text_embeddings")
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "out", "--train_text_encoder",
+                                   "--proportion_empty_prompts", "1", steps=2)) == 0
+    ids = [row for ids_one, _ in seen if len(ids_one) == 2 for row in ids_one]  # the training batches (of 2)
+    assert len(ids) == 4 and all(torch.equal(row, empty_prompt_by_diffusers[2]) for row in ids)
