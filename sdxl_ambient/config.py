@@ -173,6 +173,8 @@ def _add_training_arguments(parser) -> None:
     g.add_argument("--finetune", type=str, default="lora", choices=["lora", "full"])
     g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank).")
+    g.add_argument("--use_dora", action="store_true",
+                   help="DoRA (weight-decomposed LoRA, peft): a trained magnitude per output row beside the LoRA update.")
     g.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA adapters on both text encoders.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="Probability that a sample's caption is replaced by the empty prompt (drawn per sample at every "
@@ -358,6 +360,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--learning_rate {args.learning_rate} must be > 0")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise UserError(f"--proportion_empty_prompts {args.proportion_empty_prompts} must be in [0, 1]")
+    if args.use_dora and args.finetune != "lora":
+        raise UserError("--use_dora is a form of LoRA: it goes with --finetune lora")
     if args.finetune == "full" and args.train_text_encoder:
         raise UserError("--train_text_encoder trains LoRA adapters on the text encoders and goes with --finetune lora")
     if args.push_checkpoints_to_hub and not args.push_to_hub:

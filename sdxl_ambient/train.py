@@ -125,10 +125,10 @@ def setup_trainable(flags, components, device, weight_dtype):
         unet.to(device, dtype=torch.float32)
     else:
         unet.to(device, dtype=weight_dtype)
-        models.add_unet_lora(unet, rank=flags.rank, alpha=flags.lora_alpha)
+        models.add_unet_lora(unet, rank=flags.rank, alpha=flags.lora_alpha, use_dora=flags.use_dora)
     if flags.train_text_encoder:
         for te in text_encoders:
-            models.add_text_encoder_lora(te, rank=flags.rank, alpha=flags.lora_alpha)
+            models.add_text_encoder_lora(te, rank=flags.rank, alpha=flags.lora_alpha, use_dora=flags.use_dora)
     trained = [unet] + (list(text_encoders) if flags.train_text_encoder else [])
     if weight_dtype != torch.float32:  # frozen weights in half precision, trained ones in fp32
         models.cast_training_params(trained, dtype=torch.float32)

@@ -349,6 +349,11 @@ def test_output_folder_is_not_overwritten_without_the_flag(monkeypatch, tmp_path
     (["--finetune", "full", "--train_text_encoder"], "--train_text_encoder"),
     (["--push_checkpoints_to_hub"], "--push_checkpoints_to_hub"),
     (["--resume_from_checkpoint", "checkpoint-7"], "--resume_from_checkpoint checkpoint-7"),
+    (["--use_dora", "--finetune", "full"], "--use_dora"),
+    (["--text_encoder_lr", "1e-5"], "--text_encoder_lr sets the text encoders' learning rate"),
+    (["--optimizer", "prodigy", "--train_text_encoder", "--text_encoder_lr", "1e-5"], "--text_encoder_lr does not go with --optimizer prodigy"),
+    (["--optimizer", "adafactor", "--use_8bit_adam"], "--use_8bit_adam"),
+    (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts 1.5"),
 ])
 def test_bad_flags_fail_before_any_model_is_loaded(monkeypatch, tmp_path, extra, message):
     from sdxl_ambient.train import main
