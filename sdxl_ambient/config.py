@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from sdxl_ambient.cache import CacheSettings
-from sdxl_ambient.data import DataConfig, DataSource
+from sdxl_ambient.data import DataConfig, DataSource, check_source_names
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import LATENT_CACHE_DIR
+from sdxl_ambient.heldout import HeldOutSettings, split_size
 from sdxl_ambient.models import DTYPES
 from sdxl_ambient.optimizers import OPTIMIZERS, OptimizerSettings
 from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN
@@ -64,13 +65,57 @@ def add_model_arguments(parser, *, base: bool = True, required: bool = False) ->
     g.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
 
 
+SOURCE_KEYS = {"name": str, "train_data_dir": str, "dataset_name": str, "dataset_config_name": str, "image_column": str,
+               "caption_column": str, "max_train_samples": int, "ambient_timestep": int, "repeats": int}
+
+
+def check_source_list(value, where: str) -> list[dict]:
+    """A list of data sources: mappings of SOURCE_KEYS, each value of its key's type; errors name the source."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: expected a list of data sources, each a mapping with train_data_dir or dataset_name "
+                        "(and optionally ambient_timestep, repeats, name, caption_column, ...)")
+    for n, entry in enumerate(value, 1):
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: source {n} is a {type(entry).__name__}, expected a mapping")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise UserError(f"{where}: source {n}: unknown keys {unknown} (known: {', '.join(SOURCE_KEYS)})")
+        for key, kind in SOURCE_KEYS.items():
+            item = entry.get(key)
+            if item is not None and (not isinstance(item, kind) or isinstance(item, bool)):
+                raise UserError(f"{where}: source {n}: {key} {item!r} is not a valid {kind.__name__} value")
+    return value
+
+
+def source_list_file(text: str) -> list[dict]:
+    """``--data_sources`` on the command line: a YAML or JSON file holding the list (in a --config YAML
+    file the list may also be written inline); both pass :func:`check_source_list`."""
+    where = f"--data_sources {text}"
+    path = Path(text)
+    if not path.is_file():
+        raise UserError(f"{where}: no such file")
+    try:
+        value = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return check_source_list(value, where)
+
+
+source_list_file.__name__ = "data sources file"
+
+
 def add_data_arguments(parser) -> None:
     """Where the images come from and how each becomes a training example (training and ``corrupt``)."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None, help="A Hub dataset (or a folder load_from_disk reads).")
     g.add_argument("--dataset_config_name", type=str, default=None)
     g.add_argument("--train_data_dir", type=str, default=None,
-                   help="Image folder with metadata.jsonl (or .txt captions), or a noisy-latent dataset from `sdxl-ambient corrupt`.")
+                   help="Image folder with metadata.jsonl (or .txt captions), or a noisy-latent dataset from `sdxl-ambient corrupt`. "
+                        "A metadata column ambient_timestep gives an image its own t_n.")
+    g.add_argument("--data_sources", type=source_list_file, default=None,
+                   help="Several data sources, each with its own t_n and repeat count: a YAML/JSON file with a list of "
+                        "mappings (train_data_dir or dataset_name, ambient_timestep, repeats, name, caption_column, "
+                        "image_column, max_train_samples); in a --config file, the list itself.")
     g.add_argument("--image_column", type=str, default="image")
     g.add_argument("--caption_column", type=str, default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
@@ -226,7 +271,11 @@ def _add_output_arguments(parser) -> None:
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or `latest`.")
     g.add_argument("--validation_prompt", type=str, default=None)
     g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--validation_steps", type=int, default=500,
+                   help="Every N steps: validation images (with --validation_prompt) and the held-out loss (with --validation_split).")
+    g.add_argument("--validation_split", type=split_size, default=None,
+                   help="Hold out noisy examples (a fraction in (0, 1), or a count) for a validation loss: the ambient loss "
+                        "on them at fixed timesteps and noise, logged as validation_loss.")
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", type=str, default=None)
@@ -289,6 +338,8 @@ def _yaml_value(action: argparse.Action, value, where: str):
         word = "yes" if value else "no"
         raise UserError(f"{where}: YAML reads {word} unquoted as the boolean {value}; write it in quotes (\"{word}\") "
                         f"if you mean the word")
+    if isinstance(value, list) and action.type is source_list_file:
+        return check_source_list(value, where)
     if isinstance(value, (list, dict)):
         raise UserError(f"{where}: expected one value, got a YAML {type(value).__name__}")
     text = value if isinstance(value, str) else str(value)
@@ -314,9 +365,11 @@ def yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> d
 def _prefer_command_line_source(args, file_values: dict, argv: list[str]) -> None:
     """A data source given on the command line replaces the other kind set in the YAML file."""
     given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-    for flag, other in (("train_data_dir", "dataset_name"), ("dataset_name", "train_data_dir")):
-        if flag in given and other not in given and other in file_values:
-            setattr(args, other, None)
+    kinds = ("train_data_dir", "dataset_name", "data_sources")
+    for flag in kinds:
+        for other in kinds:
+            if flag != other and flag in given and other not in given and other in file_values:
+                setattr(args, other, None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -360,6 +413,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--learning_rate {args.learning_rate} must be > 0")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise UserError(f"--proportion_empty_prompts {args.proportion_empty_prompts} must be in [0, 1]")
+    if args.data_sources and (args.train_data_dir or args.dataset_name):
+        raise UserError("--data_sources lists every source: give it or --train_data_dir / --dataset_name, not both")
     if args.use_dora and args.finetune != "lora":
         raise UserError("--use_dora is a form of LoRA: it goes with --finetune lora")
     if args.finetune == "full" and args.train_text_encoder:
@@ -375,11 +430,21 @@ def check_flags(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- settings per concern
 
 
-def data_source(args) -> DataSource:
-    return DataSource(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-                      dataset_config_name=args.dataset_config_name, image_column=args.image_column,
-                      caption_column=args.caption_column, max_train_samples=args.max_train_samples,
-                      skip_broken_images=args.skip_broken_images, allow_empty_captions=args.allow_empty_captions)
+def data_sources(args) -> tuple[DataSource, ...]:
+    """--data_sources (each entry's keys over the flags' values), or the one --train_data_dir / --dataset_name."""
+    common = dict(image_column=args.image_column, caption_column=args.caption_column, max_train_samples=args.max_train_samples,
+                  skip_broken_images=args.skip_broken_images, allow_empty_captions=args.allow_empty_captions)
+    if not args.data_sources:
+        return (DataSource(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+                           dataset_config_name=args.dataset_config_name, **common),)
+    sources = []
+    for n, entry in enumerate(args.data_sources, 1):
+        try:
+            sources.append(DataSource(**{**common, **{k: v for k, v in entry.items() if v is not None}}))
+        except UserError as err:
+            raise UserError(f"--data_sources: source {n}: {err}") from None
+    check_source_names(sources)
+    return tuple(sources)
 
 
 def data_config(args) -> DataConfig:
@@ -416,25 +481,35 @@ def validation_settings(args) -> ValidationSettings | None:
                               resolution=args.resolution)
 
 
+def held_out_settings(args) -> HeldOutSettings | None:
+    return None if args.validation_split is None else HeldOutSettings(args.validation_split, args.validation_steps)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run's configuration: the flags as given (never changed afterwards) and the typed
     settings of each concern built from them."""
 
     flags: argparse.Namespace
-    source: DataSource
+    sources: tuple[DataSource, ...]
     data: DataConfig
     cache: CacheSettings
     objective: ObjectiveSettings
     optimizer: OptimizerSettings
     validation: ValidationSettings | None
+    held_out: HeldOutSettings | None = None
 
 
 def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse and check every flag; nothing is read beyond the YAML file and nothing is written."""
     args = parse_args(argv)
     objective = objective_settings(args)
+    sources = data_sources(args)
+    known = [s.ambient_timestep for s in sources if s.ambient_timestep is not None]
     if args.ambient_timestep is not None:
-        objective.check_timestep(args.ambient_timestep)
-    return TrainConfig(flags=args, source=data_source(args), data=data_config(args), cache=cache_settings(args),
-                       objective=objective, optimizer=optimizer_settings(args), validation=validation_settings(args))
+        known.append(args.ambient_timestep)
+    if known:  # the levels known before any data is read: on the schedule, and a noisy one for consistency
+        objective.check_timestep(known)
+    return TrainConfig(flags=args, sources=sources, data=data_config(args), cache=cache_settings(args),
+                       objective=objective, optimizer=optimizer_settings(args), validation=validation_settings(args),
+                       held_out=held_out_settings(args))

@@ -125,10 +125,28 @@ def _ambient_section(settings: dict) -> str:
             "with the double Tweedie objective; for t < t_n a consistency loss ties its predictions to its "
             f"own sampler ([Consistent Diffusion Meets Tweedie]({PAPER}), Daras, Dimakis, Daskalakis, ICML 2024)."
         )
+    sources = settings.get("data_sources") or []
+    levels = {str(k) for src in sources for k in (src["ambient_timestep"] if isinstance(src["ambient_timestep"], dict)
+                                                  else [src["ambient_timestep"]])}
+    if len(levels) > 1:
+        head = (f"The training data mixed noise levels (t_n = {', '.join(sorted(levels, key=int))}; 0 = clean): each "
+                "example's loss was the double Tweedie objective above its own t_n (the plain denoising loss for a "
+                "clean one), and the consistency loss applied to the noisy ones only "
+                f"([Consistent Diffusion Meets Tweedie]({PAPER}), Daras, Dimakis, Daskalakis, ICML 2024).")
     ambient = {k: v for k, v in settings.items()
                if k.startswith(("ambient", "consistency")) or "weighting" in k or "tweedie" in k}
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in ambient.items())
-    return f"## Ambient training\n\n{head}\n\n| setting | value |\n|---|---|\n{rows}\n"
+    section = f"## Ambient training\n\n{head}\n\n| setting | value |\n|---|---|\n{rows}\n"
+    if sources:
+        table = "\n".join(f"| {src['name']} | {src['examples']} | {src['repeats']} | "
+                          + (", ".join(f"{k}: {n}" for k, n in src["ambient_timestep"].items())
+                             if isinstance(src["ambient_timestep"], dict) else f"{src['ambient_timestep']}") + " |"
+                          for src in sources)
+        section += f"\n### Data sources\n\n| source | examples | repeats | t_n (0 = clean) |\n|---|---|---|---|\n{table}\n"
+        if settings.get("held_out_examples"):
+            section += (f"\n{settings['held_out_examples']} noisy examples were held out for the validation loss "
+                        "(not trained on).\n")
+    return section
 
 
 def _usage(repo_id: str, base_model: str, finetune: str) -> str:

@@ -63,13 +63,22 @@ def observation_abar(alphas_cumprod: torch.Tensor, observed_timesteps: torch.Ten
 
 
 def draw_timesteps(observed_timesteps: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | torch.Tensor | None = None) -> torch.Tensor:
     """Draw t ~ U{t_n, ..., T-1} independently for each sample (T = num_train_timesteps);
-    with ``window``, t ~ U{t_n, ..., min(t_n + window, T) - 1}."""
+    with ``window`` (an int, or one per sample), t ~ U{t_n, ..., min(t_n + window, T) - 1}."""
     t_n = observed_timesteps.long()
     u = torch.rand(t_n.shape, generator=generator, device=t_n.device if generator is None else generator.device)
     span = num_train_timesteps - t_n if window is None else (num_train_timesteps - t_n).clamp(max=window)
     t = t_n + (u.to(t_n.device) * span).long()
+    return t.clamp(max=num_train_timesteps - 1)
+
+
+def fixed_timesteps(observed_timesteps: torch.Tensor, num_train_timesteps: int, count: int) -> torch.Tensor:
+    """``count`` fixed timesteps per sample, (count, B): the midpoints of ``count`` equal strata of
+    {t_n, ..., T-1}, so their mean estimates the expectation over t ~ U{t_n, ..., T-1} with no draw."""
+    t_n = observed_timesteps.long()
+    strata = (torch.arange(count, device=t_n.device, dtype=torch.float64) + 0.5) / count
+    t = t_n[None] + (strata[:, None] * (num_train_timesteps - t_n)[None].double()).long()
     return t.clamp(max=num_train_timesteps - 1)
 
 
@@ -219,12 +228,13 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     batched call per step. ``anchor_grad``: the anchor carries gradients; ``chain_grad``: the
     chain's intermediate steps carry gradients. The final predictions h(x'_i, s) always do.
 
-    ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
+    ``max_delta`` is an int or a per-sample (B,) tensor. ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
     term helps only where it reaches below t_n: weight = w * (t < t_n + max_delta) with
     anchor_grad=False sampled closer to the clean data, while a constant weight on every t
     pulled the well-trained anchors at large t off and sampled worse than no term at all.
     """
-    if num_steps < 1 or not 1 <= min_delta <= max_delta:
+    smallest = int(max_delta.min()) if isinstance(max_delta, torch.Tensor) else max_delta
+    if num_steps < 1 or not 1 <= min_delta <= smallest:
         raise ValueError(f"need num_steps >= 1 and 1 <= min_delta <= max_delta, got {num_steps}, {min_delta}, {max_delta}")
     b = sample.shape[0]
     device = sample.device
@@ -234,7 +244,12 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
             anchor_x0 = denoiser(sample, timesteps)
     anchor = anchor_x0 if anchor_grad else anchor_x0.detach()
 
-    delta = torch.randint(min_delta, max_delta + 1, (b,), generator=generator, device=gen_device).to(device)
+    if isinstance(max_delta, torch.Tensor):  # per sample, e.g. each sample's own t_n
+        u = torch.rand((b,), generator=generator, device=gen_device).to(device)
+        span = (max_delta.to(device).long() - min_delta + 1)
+        delta = min_delta + (u * span).long().clamp(max=span - 1)
+    else:
+        delta = torch.randint(min_delta, max_delta + 1, (b,), generator=generator, device=gen_device).to(device)
     t = timesteps.long()
     s = (t - delta).clamp(min=0)
     t2, s2 = t.repeat(2), s.repeat(2)

@@ -230,16 +230,18 @@ class Resolved:
     """Values computed once at start-up from the flags and what they point to; saved as such."""
 
     seed: int
-    ambient_timestep: int
+    ambient_timestep: int  # the lowest t_n with data (the one t_n when all examples share it)
     learning_rate: float
     objective: dict
     text_encoder_lr: float | None = None  # when the text encoders train
+    data_sources: list = field(default_factory=list)  # per source: name, examples, repeats, t_n
+    held_out: int = 0  # examples held out for the validation loss
 
     def as_dict(self) -> dict:
         out = {"seed": self.seed, "ambient_timestep": self.ambient_timestep, "learning_rate": self.learning_rate}
         if self.text_encoder_lr is not None:
             out["text_encoder_lr"] = self.text_encoder_lr
-        return {**out, **self.objective}
+        return {**out, **self.objective, "data_sources": self.data_sources, "held_out_examples": self.held_out}
 
 
 @dataclass
@@ -267,6 +269,7 @@ class Run:
     resume_path: Path | None
     val_prompts: dict | None = None
     empty_prompt: dict | None = None  # with --proportion_empty_prompts
+    held_out: Any = None  # heldout.HeldOutLoss with --validation_split
     pusher: Any = None
     stop_signal: list = field(default_factory=list)
 
@@ -285,7 +288,7 @@ def setup(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from sdxl_ambient import hub, models, validation
+    from sdxl_ambient import heldout, hub, models, validation
     from sdxl_ambient.cache import BucketBatchSampler, prepare_cache
 
     flags = cfg.flags
@@ -304,8 +307,14 @@ def setup(cfg: TrainConfig) -> Run:
     if flags.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=flags.prediction_type)
     place_frozen(flags, components, accelerator.device, weight_dtype)
-    cache = prepare_cache(cfg.source, cfg.data, cfg.cache, components, accelerator)
-    objective = cfg.objective.build(cache.ambient_timestep, components.noise_scheduler, accelerator.device)
+    cache = prepare_cache(list(cfg.sources), cfg.data, cfg.cache, components, accelerator)
+    levels = cache.levels  # of every example, held out or not
+    held_out = None
+    if cfg.held_out is not None:  # the same examples in every run on this data
+        chosen = heldout.choose(cache.examples(), cfg.held_out.split)
+        held_out = heldout.HeldOutLoss([(cache.parts[n].cache, i) for n, i in sorted(chosen)], flags.train_batch_size)
+        cache = cache.without(chosen)
+    objective = cfg.objective.build(levels, components.noise_scheduler, accelerator.device)
     val_prompts = validation.encode_prompts(components, cfg.validation) if cfg.validation else None
     empty_prompt = encode_empty_prompt(components, accelerator.device) if flags.proportion_empty_prompts > 0 else None
     if not flags.train_text_encoder:  # the cache holds the embeddings: free the device
@@ -342,9 +351,10 @@ def setup(cfg: TrainConfig) -> Run:
                                      text_encoder=unwrapped[1] if flags.train_text_encoder else None,
                                      text_encoder_2=unwrapped[2] if flags.train_text_encoder else None, ema_unet=ema)
 
-    resolved = Resolved(seed=seed, ambient_timestep=cache.ambient_timestep, learning_rate=learning_rate,
-                        objective=cfg.objective.resolved(cache.ambient_timestep),
-                        text_encoder_lr=text_encoder_lr if flags.train_text_encoder else None)
+    resolved = Resolved(seed=seed, ambient_timestep=levels[0], learning_rate=learning_rate,
+                        objective=cfg.objective.resolved(levels),
+                        text_encoder_lr=text_encoder_lr if flags.train_text_encoder else None,
+                        data_sources=cache.summary(), held_out=len(held_out) if held_out is not None else 0)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed * 1009 + accelerator.process_index)
     guard = NonFiniteGuard(optimizer.optimizer, flags.max_nonfinite_steps,
                            external=accelerator.scaler is not None or accelerator.state.deepspeed_plugin is not None)
@@ -352,7 +362,7 @@ def setup(cfg: TrainConfig) -> Run:
               loader=loader, trained=trained, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
               objective=objective, generator=generator, guard=guard, weight_dtype=weight_dtype,
               steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path, val_prompts=val_prompts,
-              empty_prompt=empty_prompt)
+              empty_prompt=empty_prompt, held_out=held_out)
     if accelerator.is_main_process:
         hub.write_settings(flags.output_dir, settings_record(run))
         accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
@@ -494,6 +504,34 @@ def validate(run: Run, step: int, final: bool = False):
     return validation.log_validation(*common, step, run.flags.output_dir)
 
 
+def validation_loss(run: Run, step: int) -> dict:
+    """The held-out loss with the current weights (each process its share of the batches, summed),
+    logged to the trackers beside the training loss."""
+    accelerator = run.accelerator
+    unet, *text_encoders = [accelerator.unwrap_model(m) for m in run.trained]
+
+    def net_for(batch):
+        if run.text_models is None:
+            prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        else:
+            prompt_embeds, pooled = text_embeddings(*text_encoders, batch["input_ids_one"], batch["input_ids_two"])
+        return conditioned_unet(unet, prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
+
+    for m in run.trained:
+        m.eval()
+    with accelerator.autocast():
+        totals, counts = run.held_out.sums(run.objective, net_for, accelerator.device, accelerator.process_index,
+                                           accelerator.num_processes)
+    for m in run.trained:
+        m.train()
+    if accelerator.num_processes > 1:
+        totals, counts = accelerator.reduce(totals, "sum"), accelerator.reduce(counts, "sum")
+    logs = run.held_out.logs(totals, counts)
+    accelerator.log(logs, step=step)
+    logger.info("step %d: %s", step, ", ".join(f"{k} {v:.6g}" for k, v in logs.items()))
+    return logs
+
+
 def finish(run: Run, step: int) -> None:
     """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push."""
     from sdxl_ambient import hub, models
@@ -536,6 +574,12 @@ def train(cfg: TrainConfig) -> int:
     logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
                 len(run.cache), run.steps_per_epoch, run.max_steps, run.resolved.ambient_timestep,
                 run.objective.consistency_weight, accelerator.num_processes)
+    for source in run.resolved.data_sources:
+        logger.info("data source %s: %d examples, repeats %d, t_n %s", source["name"], source["examples"],
+                    source["repeats"], source["ambient_timestep"])
+    every = run.cfg.held_out.every_steps if run.held_out is not None else 0
+    if every and run.resume_path is None:  # the base model's value: what the run's values compare to
+        validation_loss(run, step)
     progress = tqdm(range(run.max_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     meter, micro = LossMeter(), None
     for epoch in range(step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
@@ -581,6 +625,8 @@ def train(cfg: TrainConfig) -> int:
                 return EXIT_STOPPED
             if run.val_prompts is not None and step % run.cfg.validation.every_steps == 0 and accelerator.is_main_process:
                 validate(run, step)
+            if every and (step % every == 0 or step == run.max_steps):
+                validation_loss(run, step)
             if step >= run.max_steps:
                 break
         if step >= run.max_steps:

@@ -255,7 +255,8 @@ def test_manifest_records_the_making_and_no_local_paths(noise_folder, tmp_path, 
     assert str(tmp_path) not in text and str(tiny_pipeline_dir.parent) not in text
     m = cache.manifest
     s = m["settings"]
-    assert (s["ambient_timestep"], s["resolution"], s["random_flip"], s["enable_bucket"]) == (T_N, 64, True, True)
+    assert (s["resolution"], s["random_flip"], s["enable_bucket"]) == (64, True, True)
+    assert {e["ambient_timestep"] for e in m["data"]["examples"]} == {T_N}  # each example's t_n beside its key
     assert m["noise_seed_digest"] == cache_mod.seed_digest(NOISE_SEED) and "seed" not in s  # the seed would undo the noise
     assert s["model_id"] == tiny_pipeline_dir.name and m["data"]["examples"][0]["key"] == "img0.png"
     assert len(m["data"]["examples"][0]["content"]) == 64 and m["complete"]
@@ -391,7 +392,7 @@ def test_prepare_cache_builds_on_the_main_process_only(noise_folder, tmp_path, c
         return prepare_cache(source, data_config(), CacheSettings(cache_dir, T_N, NOISE_SEED), components, accelerator)
 
     dataset = prepare(FakeAccelerator(True, log))
-    assert dataset.cache_dir == cache_dir and len(dataset) == len(SIZES)
+    assert dataset.parts[0].cache.cache_dir == cache_dir and len(dataset) == len(SIZES)
     assert log == [("enter", True), "build", ("exit", True)]
     other = prepare(FakeAccelerator(False, log))
     assert log[3:] == [("enter", False), ("exit", False)]  # the other process reads what the main one wrote

@@ -14,7 +14,7 @@ LAYERS = [
     {"objectives", "images", "tiny"},
     {"step", "data", "sampling", "models", "checkpointing", "hub", "validation", "optimizers", "evaluation.features",
      "evaluation.report"},
-    {"cache", "pipelines", "toy"},
+    {"cache", "heldout", "pipelines", "toy"},
     {"config"},
     {"train", "corrupt", "generate", "demo", "cli", "evaluation.memorization", "evaluation.quality"},
 ]
