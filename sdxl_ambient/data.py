@@ -142,7 +142,8 @@ def row_timestep(value, where: str) -> int | None:
     """An example's ``ambient_timestep`` cell: a whole number >= 0 (0 = clean), or None when empty."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
+    whole = (isinstance(value, int) and value >= 0) or (isinstance(value, str) and value.strip().isdigit())
+    if isinstance(value, bool) or not whole:
         raise UserError(f"{where}: {TIMESTEP_COLUMN} {value!r} must be a whole number >= 0 (0 = clean)")
     return int(value)
 

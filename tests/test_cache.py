@@ -495,3 +495,28 @@ def test_data_sources_mix_clean_images_noisy_images_and_a_noisy_latent_dataset(n
     with pytest.raises(ValueError, match="both named 'clean'"):
         prepare_cache([sources[0], DataSource(train_data_dir=str(noisy), name="clean")], data_config(),
                       CacheSettings(tmp_path / "cache2"), components)
+
+
+def test_corrupt_writes_a_dataset_at_several_levels(noise_folder, tmp_path, tiny_pipeline_dir, components, capsys):
+    """`corrupt` with an ambient_timestep column and no --ambient_timestep: each example at its own level, the
+    summary counts each level and warns of clean ones; an image without a level needs the flag."""
+    from sdxl_ambient.cli import main
+
+    def run(out, *extra):
+        return main(["corrupt", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir",
+                     str(noise_folder), "--resolution", "64", "--output_dir", str(out), "--device", "cpu",
+                     "--noise_seed", NOISE_SEED, *extra])
+
+    set_levels(noise_folder, [*LEVELS[:-1], None])
+    assert run(tmp_path / "missing") == 2
+    assert "--ambient_timestep is required for the 1 image(s)" in capsys.readouterr().err
+    set_levels(noise_folder, LEVELS)
+    assert run(tmp_path / "shared") == 0
+    printed = capsys.readouterr().out
+    assert "t_n = 500" in printed and "(2 examples)" in printed and "2 example(s) at t_n = 0 are clean" in printed
+    dataset = LatentCache(tmp_path / "shared")
+    assert dataset.levels == [0, 100, 500, 900]
+    for i in range(len(dataset)):
+        k = int(dataset[i]["caption"].split()[-1])
+        y, _ = expected_observation(noise_folder, components, k, t_n=LEVELS[k], random_flip=False, enable_bucket=False)
+        torch.testing.assert_close(dataset[i]["observed"], y, rtol=1e-5, atol=1e-5)

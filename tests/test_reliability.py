@@ -393,7 +393,7 @@ def test_shipped_training_configs_parse_offline(monkeypatch, config):
     # the demo config leaves the model and the images to `sdxl-ambient demo`
     extra = ["--pretrained_model_name_or_path", "tiny", "--train_data_dir", "images"] if config == "demo.yaml" else []
     args = parse_args(["--config", str(path), *extra])
-    assert args.pretrained_model_name_or_path and (args.dataset_name or args.train_data_dir)
+    assert args.pretrained_model_name_or_path and (args.dataset_name or args.train_data_dir or args.data_sources)
     assert args.resolution % 8 == 0
 
 
