@@ -25,6 +25,7 @@ from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import LATENT_CACHE_DIR
 from sdxl_ambient.heldout import HeldOutSettings, split_size
 from sdxl_ambient.models import DTYPES
+from sdxl_ambient.objectives import check_ambient_timestep
 from sdxl_ambient.optimizers import OPTIMIZERS, OptimizerSettings
 from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN
 from sdxl_ambient.step import ObjectiveSettings
@@ -90,15 +91,7 @@ def check_source_list(value, where: str) -> list[dict]:
 def source_list_file(text: str) -> list[dict]:
     """``--data_sources`` on the command line: a YAML or JSON file holding the list (in a --config YAML
     file the list may also be written inline); both pass :func:`check_source_list`."""
-    where = f"--data_sources {text}"
-    path = Path(text)
-    if not path.is_file():
-        raise UserError(f"{where}: no such file")
-    try:
-        value = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return check_source_list(value, where)
+    return check_source_list(_yaml_file(text, "--data_sources"), f"--data_sources {text}")
 
 
 source_list_file.__name__ = "data sources file"
@@ -309,15 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- YAML
 
 
-def read_yaml(path: str) -> dict:
-    """A YAML file holding a mapping; errors name the file."""
+def _yaml_file(path: str, flag: str):
+    """The value a YAML (or JSON) file holds; errors name the flag and the file."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"--config {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        return yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{flag} {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML file holding a mapping; errors name the file."""
+    data = _yaml_file(path, "--config") or {}
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values")
     return data
@@ -505,11 +503,12 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     args = parse_args(argv)
     objective = objective_settings(args)
     sources = data_sources(args)
-    known = [s.ambient_timestep for s in sources if s.ambient_timestep is not None]
-    if args.ambient_timestep is not None:
-        known.append(args.ambient_timestep)
-    if known:  # the levels known before any data is read: on the schedule, and a noisy one for consistency
-        objective.check_timestep(known)
+    for level in [s.ambient_timestep for s in sources if s.ambient_timestep is not None]:
+        check_ambient_timestep(level)  # the levels known before any data is read lie on the schedule
+    if args.ambient_timestep is not None and not args.data_sources:  # the one source's level (unless its metadata has others)
+        objective.check_timestep(args.ambient_timestep)
+    elif args.ambient_timestep is not None:
+        check_ambient_timestep(args.ambient_timestep)
     return TrainConfig(flags=args, sources=sources, data=data_config(args), cache=cache_settings(args),
                        objective=objective, optimizer=optimizer_settings(args), validation=validation_settings(args),
                        held_out=held_out_settings(args))

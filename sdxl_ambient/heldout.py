@@ -75,8 +75,9 @@ class HeldOutLoss:
     def __init__(self, items: list[tuple[object, int]], batch_size: int):
         """``items``: (latent cache, index) of each held-out example."""
         by_shape: dict[tuple, list] = {}
+        shapes = {id(cache): cache.latent_shapes() for cache, _ in items}
         for cache, index in items:
-            by_shape.setdefault(tuple(cache.latent_shapes()[index]), []).append((cache, index))
+            by_shape.setdefault(tuple(shapes[id(cache)][index]), []).append((cache, index))
         self.batches = [group[s:s + batch_size] for group in by_shape.values() for s in range(0, len(group), batch_size)]
         self.levels = sorted({cache.ambient_timesteps[i] for cache, i in items})
 

@@ -149,14 +149,17 @@ def _ambient_section(settings: dict) -> str:
     return section
 
 
-def _usage(repo_id: str, base_model: str, finetune: str) -> str:
+def _usage(repo_id: str, base_model: str, finetune: str, dora: bool = False) -> str:
     if finetune == "lora":
+        other_tools = (f"For ComfyUI use `{LORA_FILES[1]}` (kohya key names, DoRA as ComfyUI's `dora_scale`); put it in "
+                       "`models/loras`. Automatic1111 and kohya's scripts read DoRA in another form: use diffusers there.\n"
+                       if dora else
+                       f"For ComfyUI, Automatic1111/Forge and kohya tools use `{LORA_FILES[1]}` (kohya key names, "
+                       "original SDXL UNet block names); put it in `models/loras`.\n")
         return (
             "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionXLPipeline\n\n"
             f"pipe = StableDiffusionXLPipeline.from_pretrained({base_model!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
-            f"pipe.load_lora_weights({repo_id!r})\nimage = pipe(\"your prompt\").images[0]\n```\n\n"
-            f"For ComfyUI, Automatic1111/Forge and kohya tools use `{LORA_FILES[1]}` (kohya key names, "
-            "original SDXL UNet block names); put it in `models/loras`.\n"
+            f"pipe.load_lora_weights({repo_id!r})\nimage = pipe(\"your prompt\").images[0]\n```\n\n" + other_tools
         )
     return (
         "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionXLPipeline\n\n"
@@ -194,7 +197,7 @@ def model_card(*, repo_id: str, base_model: str, settings: dict, finetune: str, 
         f"\n# {repo_id}\n",
         f"Stable Diffusion XL {kind} of `{base_model}`, trained with sdxl-ambient on noisy data.\n",
         _ambient_section(settings),
-        _usage(repo_id, base_model, finetune),
+        _usage(repo_id, base_model, finetune, dora=bool(settings.get("use_dora"))),
     ]
     if images:
         gallery = "\n".join(f"![sample {i}]({p})" for i, p in enumerate(images))

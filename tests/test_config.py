@@ -212,3 +212,12 @@ def test_data_sources_and_a_single_source_flag_contradict(tmp_path, no_models):
     listed.write_text("- train_data_dir: a\n")
     with pytest.raises(UserError, match="--data_sources lists every source"):
         config.load_train_config(["--pretrained_model_name_or_path", "m", "--data_sources", str(listed), "--train_data_dir", "b"])
+
+
+def test_consistency_with_a_clean_source_and_a_dataset_of_unknown_level_is_not_refused_early(tmp_path, no_models):
+    """A clean source beside a noisy-latent dataset whose t_n is read from it later: the consistency term is
+    refused only once the levels are known (after the data is read), not from the clean source alone."""
+    path = write_yaml(tmp_path, json.dumps({"consistency_weight": 1.0, "data_sources": [
+        {"train_data_dir": "clean", "ambient_timestep": 0}, {"train_data_dir": "noisy_dataset"}]}))
+    cfg = config.load_train_config(["--config", str(path), "--pretrained_model_name_or_path", "m"])
+    assert [s.ambient_timestep for s in cfg.sources] == [0, None]

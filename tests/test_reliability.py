@@ -487,7 +487,7 @@ def test_the_training_seed_does_not_reveal_the_cache_noise(monkeypatch, tmp_path
     for path in _files_under(out):
         assert b"5eed" * 8 not in path.read_bytes(), path
     settings = json.loads((out / "training_settings.json").read_text())
-    assert settings["resolved"]["seed"] == 0 and not any("noise" in k for k in (*settings, *settings["resolved"]))
+    assert settings["resolved"]["seed"] == 0 and not any("noise_seed" in k for k in (*settings, *settings["resolved"]))
     assert json.loads((out / "checkpoint-3" / checkpointing.STATE_FILE).read_text())["seed"] == 0
 
     monkeypatch.setattr(secrets, "token_hex", lambda n: "abcd" * (n // 2))

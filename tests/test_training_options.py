@@ -286,6 +286,7 @@ def test_a_dora_run_saves_a_dora_that_loads_in_diffusers_and_resumes_exactly(tmp
     assert any(k.startswith("text_encoder.") and "lora_magnitude_vector" in k for k in weights)
     with safe_open(str(full / "pytorch_lora_weights_kohya.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") and k.endswith(".dora_scale") for k in f.keys())
+    assert "DoRA as ComfyUI's `dora_scale`" in (full / "README.md").read_text()  # the card says where the kohya copy loads
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
 
