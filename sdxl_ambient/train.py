@@ -560,6 +560,19 @@ def finish(run: Run, step: int) -> None:
     accelerator.end_training()
 
 
+def announce(run: Run, step: int) -> None:
+    """The run's shape in the log, each data source's examples, repeats and t_n; at the start of a new
+    run, the held-out loss of the base model (what the run's values compare to)."""
+    logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
+                len(run.cache), run.steps_per_epoch, run.max_steps, run.resolved.ambient_timestep,
+                run.objective.consistency_weight, run.accelerator.num_processes)
+    for source in run.resolved.data_sources:
+        logger.info("data source %s: %d examples, repeats %d, t_n %s", source["name"], source["examples"],
+                    source["repeats"], source["ambient_timestep"])
+    if run.held_out is not None and run.resume_path is None:
+        validation_loss(run, step)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -571,15 +584,7 @@ def train(cfg: TrainConfig) -> int:
     flags, accelerator = run.flags, run.accelerator
     step = resume(run)
     install_stop_handler(run)
-    logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
-                len(run.cache), run.steps_per_epoch, run.max_steps, run.resolved.ambient_timestep,
-                run.objective.consistency_weight, accelerator.num_processes)
-    for source in run.resolved.data_sources:
-        logger.info("data source %s: %d examples, repeats %d, t_n %s", source["name"], source["examples"],
-                    source["repeats"], source["ambient_timestep"])
-    every = run.cfg.held_out.every_steps if run.held_out is not None else 0
-    if every and run.resume_path is None:  # the base model's value: what the run's values compare to
-        validation_loss(run, step)
+    announce(run, step)
     progress = tqdm(range(run.max_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     meter, micro = LossMeter(), None
     for epoch in range(step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
@@ -625,7 +630,7 @@ def train(cfg: TrainConfig) -> int:
                 return EXIT_STOPPED
             if run.val_prompts is not None and step % run.cfg.validation.every_steps == 0 and accelerator.is_main_process:
                 validate(run, step)
-            if every and (step % every == 0 or step == run.max_steps):
+            if run.held_out is not None and (step % run.cfg.held_out.every_steps == 0 or step == run.max_steps):
                 validation_loss(run, step)
             if step >= run.max_steps:
                 break
