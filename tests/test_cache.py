@@ -520,3 +520,19 @@ def test_corrupt_writes_a_dataset_at_several_levels(noise_folder, tmp_path, tiny
         k = int(dataset[i]["caption"].split()[-1])
         y, _ = expected_observation(noise_folder, components, k, t_n=LEVELS[k], random_flip=False, enable_bucket=False)
         torch.testing.assert_close(dataset[i]["observed"], y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dataset_of_the_earlier_format_is_read_with_its_one_level(noise_folder, tmp_path, components):
+    """A noisy-latent dataset written before each example carried its t_n (format 2: one t_n in the settings)
+    still trains at that level; completing or reusing it as a cache is refused with what to do."""
+    cache = build(noise_folder, components, tmp_path / "old", ambient_timestep=400)
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    manifest["format_version"], manifest["settings"]["ambient_timestep"] = 2, 400
+    for entry in manifest["data"]["examples"]:
+        del entry["ambient_timestep"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    old = LatentCache(tmp_path / "old")
+    assert old.levels == [400] and old[3]["observed_timestep"].item() == 400
+    assert torch.equal(old[3]["observed"], cache[3]["observed"])
+    with pytest.raises(ValueError, match="made by an earlier version"):
+        build(noise_folder, components, tmp_path / "old", ambient_timestep=400)

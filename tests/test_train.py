@@ -73,10 +73,13 @@ def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, im
 @pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
     out = tmp_path / "ddp"
-    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", "--train_text_encoder", steps=2),
-                  num_processes=2)
+    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", "--train_text_encoder",
+                            "--validation_split", "3", "--validation_steps", "1", steps=2), num_processes=2)
     assert (out / LORA_FILE).is_file(), proc.stderr[-2000:]
     assert "on 2 processes" in proc.stderr
+    # the held-out loss is summed over both processes' shares: every process logs the same value
+    values = [line.split("validation_loss ")[1].split()[0] for line in proc.stderr.splitlines() if "step 2: validation_loss" in line]
+    assert len(values) == 2 and values[0] == values[1], proc.stderr[-3000:]
     weights = lora_weights(out)
     assert all(torch.isfinite(v).all() for v in weights.values())
 
