@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": ("sdxl_ambient.generate", "sample images from a base model with a LoRA or from a full fine-tune"),
     "memorization": ("sdxl_ambient.evaluation.memorization", "measure how much models copy their fine-tuning set"),
     "quality": ("sdxl_ambient.evaluation.quality", "FID / KID (and CLIP score) against reference images"),
+    "push": ("sdxl_ambient.push", "upload a finished training run's weights, model card and samples to the Hub"),
     "make-tiny": ("sdxl_ambient.tiny", "save the tiny random SDXL-shaped pipeline used by the demo and tests"),
 }
 

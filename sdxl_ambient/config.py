@@ -97,23 +97,31 @@ def source_list_file(text: str) -> list[dict]:
 source_list_file.__name__ = "data sources file"
 
 
-def add_data_arguments(parser) -> None:
-    """Where the images come from and how each becomes a training example (training and ``corrupt``)."""
+def add_data_source_arguments(parser) -> None:
+    """Where the training images and captions come from (training, ``corrupt`` and ``memorization``
+    read them alike: :func:`data_source`)."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None, help="A Hub dataset (or a folder load_from_disk reads).")
     g.add_argument("--dataset_config_name", type=str, default=None)
     g.add_argument("--train_data_dir", type=str, default=None,
-                   help="Image folder with metadata.jsonl (or .txt captions), or a noisy-latent dataset from `sdxl-ambient corrupt`. "
-                        "A metadata column ambient_timestep gives an image its own t_n.")
-    g.add_argument("--data_sources", type=source_list_file, default=None,
-                   help="Several data sources, each with its own t_n and repeat count: a YAML/JSON file with a list of "
-                        "mappings (train_data_dir or dataset_name, ambient_timestep, repeats, name, caption_column, "
-                        "image_column, max_train_samples); in a --config file, the list itself.")
+                   help="Image folder with metadata.jsonl (or .txt captions) or a save_to_disk folder; for training, "
+                        "also a noisy-latent dataset from `sdxl-ambient corrupt`. A metadata column ambient_timestep "
+                        "gives an image its own t_n.")
     g.add_argument("--image_column", type=str, default="image")
     g.add_argument("--caption_column", type=str, default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--skip_broken_images", action="store_true", help="Skip unreadable images (each is reported) instead of stopping.")
     g.add_argument("--allow_empty_captions", action="store_true")
+
+
+def add_data_arguments(parser) -> None:
+    """Where the images come from and how each becomes a training example (training and ``corrupt``)."""
+    add_data_source_arguments(parser)
+    parser.add_argument("--data_sources", type=source_list_file, default=None,
+                        help="Several data sources, each with its own t_n and repeat count: a YAML/JSON file with a list of "
+                             "mappings (train_data_dir or dataset_name, ambient_timestep, repeats, name, caption_column, "
+                             "image_column, max_train_samples); in a --config file, the list itself.")
+    g = parser.add_argument_group("examples")
     g.add_argument("--resolution", type=int, default=1024)
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
@@ -133,6 +141,12 @@ def add_noise_arguments(parser, *, required: bool = False) -> None:
                    help="Seeds each example's fixed noise (and its VAE sample, crop and flip). Default: a fresh secret "
                         "seed, kept only until the latent cache is complete. Whoever knows it can remove the noise: "
                         "give one only to rebuild identically, and keep it private. Never written to settings or logs.")
+
+
+def add_hub_arguments(parser) -> None:
+    """The Hub repo a run pushes to (training and ``push``)."""
+    parser.add_argument("--hub_model_id", type=str, default=None, help="The Hub repo (default: the output folder's name).")
+    parser.add_argument("--hub_private_repo", action="store_true")
 
 
 def add_device_argument(parser) -> None:
@@ -270,9 +284,9 @@ def _add_output_arguments(parser) -> None:
                    help="Hold out noisy examples (a fraction in (0, 1), or a count) for a validation loss: the ambient loss "
                         "on them at fixed timesteps and noise, logged as validation_loss.")
     g.add_argument("--validation_inference_steps", type=int, default=25)
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", type=str, default=None)
-    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Create the Hub repo at the start (a token and the Hub checked before any model loads), push at the end.")
+    add_hub_arguments(g)
     g.add_argument("--push_checkpoints_to_hub", action="store_true",
                    help="Upload each checkpoint's weights in the background (subfolder checkpoint-STEP).")
     g.add_argument("--hub_checkpoint_mode", type=str, default="subfolder", choices=["subfolder", "branch"],
@@ -428,17 +442,25 @@ def check_flags(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- settings per concern
 
 
+def data_source(args, **entry) -> DataSource:
+    """The one --train_data_dir / --dataset_name source, or (``entry``) one of --data_sources over the flags' values."""
+    common = dict(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+                  dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+                  caption_column=args.caption_column, max_train_samples=args.max_train_samples,
+                  skip_broken_images=args.skip_broken_images, allow_empty_captions=args.allow_empty_captions)
+    if entry:
+        common.update(train_data_dir=None, dataset_name=None, dataset_config_name=None)
+    return DataSource(**{**common, **{k: v for k, v in entry.items() if v is not None}})
+
+
 def data_sources(args) -> tuple[DataSource, ...]:
     """--data_sources (each entry's keys over the flags' values), or the one --train_data_dir / --dataset_name."""
-    common = dict(image_column=args.image_column, caption_column=args.caption_column, max_train_samples=args.max_train_samples,
-                  skip_broken_images=args.skip_broken_images, allow_empty_captions=args.allow_empty_captions)
-    if not args.data_sources:
-        return (DataSource(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-                           dataset_config_name=args.dataset_config_name, **common),)
+    if not getattr(args, "data_sources", None):
+        return (data_source(args),)
     sources = []
     for n, entry in enumerate(args.data_sources, 1):
         try:
-            sources.append(DataSource(**{**common, **{k: v for k, v in entry.items() if v is not None}}))
+            sources.append(data_source(args, **entry))
         except UserError as err:
             raise UserError(f"--data_sources: source {n}: {err}") from None
     check_source_names(sources)

@@ -46,7 +46,7 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
         return [pipe(p, num_inference_steps=10, height=resolution, width=resolution, generator=g).images[0] for p in prompts]
 
     base = row()
-    pipe.load_lora_weights(load_file(str(lora_file(lora_dir))))
+    pipe.load_lora_weights(load_file(str(lora_file(lora_dir))), use_safetensors=True)
     tuned = row()
     grid = image_grid(base + tuned, cols=len(prompts))
     grid.save(out)
@@ -78,7 +78,7 @@ def run(args) -> int:
                         f"with --overwrite_output_dir, or resume it with sdxl-ambient train {' '.join(argv)} "
                         "--resume_from_checkpoint latest")
     config = yaml.safe_load(demo_config().read_text())
-    prompts = [record["caption"] for record in read_training_set(demo_images())[:4]]
+    prompts = [record.caption for record in read_training_set(demo_images())[:4]]
     grid = compare_grid(pipeline_dir, lora_dir, prompts, out / "demo_grid.png", config["resolution"])
     report = evaluate_models(
         [("base", str(pipeline_dir), None), ("ambient", str(pipeline_dir), str(lora_dir))], demo_images(),

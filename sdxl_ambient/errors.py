@@ -18,6 +18,12 @@ class UserError(ValueError):
 EXIT_USER_ERROR = 2
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (with its type when it has none), to quote in a :class:`UserError`."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def exit_code_of(main: Callable[[], int | None]) -> int:
     """Run a command's main; a :class:`UserError` becomes one line on stderr and exit status 2."""
     try:

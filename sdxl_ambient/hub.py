@@ -14,6 +14,7 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from sdxl_ambient.errors import UserError, first_line
 from sdxl_ambient.files import EMA_DIR, LORA_FILES, MODEL_CARD, MODEL_INDEX, SDXL_PARTS, SETTINGS_FILE
 from sdxl_ambient.images import IMAGE_SUFFIXES
 
@@ -256,6 +257,40 @@ def _api(api, token):
     from huggingface_hub import HfApi
 
     return HfApi(token=token)
+
+
+def prepare_repo(repo_id: str, *, private: bool = False, flag: str = "--push_to_hub", token: str | None = None,
+                 api=None) -> str:
+    """Before any work: check that a push can succeed (a token, the Hub reachable, the repo created
+    or already there in a namespace the token can write to), as diffusers' scripts create the repo
+    at the start. Returns the repo's full id; anything in the way is a one-line error naming ``flag``."""
+    token = resolve_token(token)
+    if not token:
+        raise UserError(f"{flag} needs a Hub token with write access: set HF_TOKEN or run `hf auth login`")
+    try:
+        repo = _api(api, token).create_repo(repo_id=repo_id, private=private, exist_ok=True, token=token)
+    except OSError as err:  # offline, unreachable, no rights to the namespace (HTTP errors are OSErrors)
+        raise UserError(_redact(f"{flag}: cannot create or reach the Hub repo {repo_id!r} ({type(err).__name__}: "
+                                f"{first_line(err)}); check the network, the token's write access and --hub_model_id",
+                                _known_secrets(token))) from None
+    return getattr(repo, "repo_id", None) or repo_id
+
+
+def default_repo_id(hub_model_id: str | None, output_dir) -> str:
+    """The repo a run pushes to: --hub_model_id, else the output folder's name (as in diffusers' scripts)."""
+    return hub_model_id or Path(output_dir).name
+
+
+def try_push_final(output_dir, repo_id: str, *, private: bool = False, token: str | None = None, api=None) -> str | None:
+    """:func:`push_final`; when it fails (network, Hub) nothing local is touched and the returned
+    one-line message says where the files are and how to push them later. None when pushed."""
+    try:
+        push_final(output_dir, repo_id, token=token, private=private, api=api)
+    except OSError as err:
+        return _redact(f"training finished and its weights are in {output_dir}, but the push to the Hub repo {repo_id!r} "
+                       f"failed ({type(err).__name__}: {first_line(err)}); push them later with "
+                       f"`sdxl-ambient push --output_dir {output_dir} --hub_model_id {repo_id}`", _known_secrets(token))
+    return None
 
 
 def push_final(output_dir, repo_id: str, *, token: str | None = None, private: bool = False, api=None):

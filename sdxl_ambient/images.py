@@ -71,8 +71,8 @@ def load_images(paths: Sequence[str | os.PathLike]) -> list[Image.Image]:
 
 
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """RGB, shorter side resized to ``size`` (bicubic), then the central ``size`` square."""
-    image = image.convert("RGB")
+    """RGB (:func:`to_rgb`), shorter side resized to ``size`` (bicubic), then the central ``size`` square."""
+    image = to_rgb(image)
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -90,5 +90,5 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None, cell: int
     cw, ch = (cell, cell) if cell else images[0].size
     grid = Image.new("RGB", (cols * cw, rows * ch), BACKGROUND)
     for i, im in enumerate(images):
-        grid.paste(im.convert("RGB").resize((cw, ch)), ((i % cols) * cw, (i // cols) * ch))
+        grid.paste(to_rgb(im).resize((cw, ch)), ((i % cols) * cw, (i // cols) * ch))
     return grid

@@ -26,7 +26,7 @@ def load_pipeline(pretrained_model_name_or_path: str, *, lora_path: str | None =
     except (OSError, ValueError) as err:
         raise UserError(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: {err}") from None
     if lora_path:
-        pipe.load_lora_weights(load_file(str(lora_file(lora_path))))
+        pipe.load_lora_weights(load_file(str(lora_file(lora_path))), use_safetensors=True)
         pipe.fuse_lora(lora_scale=lora_scale)
         pipe.unload_lora_weights()
     if scheduler:

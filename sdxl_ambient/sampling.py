@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdxl_ambient.images import center_crop_resize
+from sdxl_ambient.images import center_crop_resize, open_image
 from sdxl_ambient.objectives import add_noise, model_output_from_x0, x0_from_model_output
 
 # Training timesteps above t_n at which truncated sampling takes its final Tweedie jump
@@ -181,10 +181,10 @@ def decode_latents(pipe, latents: torch.Tensor) -> list:
 
 @torch.no_grad()
 def encode_images(pipe, images: Sequence, resolution: int) -> torch.Tensor:
-    """Scaled latents z = scaling_factor * mode(VAE encoder) of PIL images, center-cropped to a
-    ``resolution`` square."""
+    """Scaled latents z = scaling_factor * mode(VAE encoder) of images (paths, bytes or PIL images,
+    read as training reads them: :func:`images.open_image`), center-cropped to a ``resolution`` square."""
     vae = pipe.vae
-    pixels = pipe.image_processor.preprocess([center_crop_resize(im, resolution) for im in images])
+    pixels = pipe.image_processor.preprocess([center_crop_resize(open_image(im), resolution) for im in images])
     with _vae_upcast(vae) as dtype:
         z = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode().float()
     stats = _vae_latent_stats(vae, z)

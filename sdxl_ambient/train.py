@@ -270,6 +270,7 @@ class Run:
     val_prompts: dict | None = None
     empty_prompt: dict | None = None  # with --proportion_empty_prompts
     held_out: Any = None  # heldout.HeldOutLoss with --validation_split
+    hub_repo: str | None = None  # with --push_to_hub, on the main process: the repo, created at the start
     pusher: Any = None
     stop_signal: list = field(default_factory=list)
 
@@ -295,6 +296,9 @@ def setup(cfg: TrainConfig) -> Run:
     resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
     check_output_dir(flags, resume_path)
     accelerator = make_accelerator(flags)
+    hub_repo = None  # --push_to_hub: a token, the Hub and the repo checked before any model loads
+    if flags.push_to_hub and accelerator.is_main_process:
+        hub_repo = hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
     seed = resolve_seed(flags, resume_path, accelerator)
     set_seed(seed)
     if flags.allow_tf32 and torch.cuda.is_available():
@@ -362,13 +366,13 @@ def setup(cfg: TrainConfig) -> Run:
               loader=loader, trained=trained, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
               objective=objective, generator=generator, guard=guard, weight_dtype=weight_dtype,
               steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path, val_prompts=val_prompts,
-              empty_prompt=empty_prompt, held_out=held_out)
+              empty_prompt=empty_prompt, held_out=held_out, hub_repo=hub_repo)
     if accelerator.is_main_process:
         hub.write_settings(flags.output_dir, settings_record(run))
         accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
                                                           if isinstance(v, (int, float, str, bool))})
         if flags.push_checkpoints_to_hub:
-            run.pusher = hub.CheckpointPusher(flags.hub_model_id or Path(flags.output_dir).name, mode=flags.hub_checkpoint_mode,
+            run.pusher = hub.CheckpointPusher(hub_repo, mode=flags.hub_checkpoint_mode,
                                               include_training_state=flags.push_training_state, private=flags.hub_private_repo)
     return run
 
@@ -533,11 +537,13 @@ def validation_loss(run: Run, step: int) -> dict:
 
 
 def finish(run: Run, step: int) -> None:
-    """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push."""
+    """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push.
+    A failed push keeps everything written and ends the run with a one-line error saying how to push later."""
     from sdxl_ambient import hub, models
     from sdxl_ambient.data import public_name
 
     accelerator, flags = run.accelerator, run.flags
+    push_failed = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if run.ema is not None:
@@ -548,16 +554,18 @@ def finish(run: Run, step: int) -> None:
         else:
             models.save_full_pipeline(flags.output_dir, run.components, unet)
         images = validate(run, step, final=True) if run.val_prompts is not None else []
-        card = hub.model_card(repo_id=flags.hub_model_id or Path(flags.output_dir).name,
+        card = hub.model_card(repo_id=run.hub_repo or hub.default_repo_id(flags.hub_model_id, flags.output_dir),
                               base_model=public_name(flags.pretrained_model_name_or_path),
                               settings={**vars(flags), **run.resolved.as_dict()}, finetune=flags.finetune,
                               image_paths=images, validation_prompt=flags.validation_prompt, output_dir=flags.output_dir)
         (Path(flags.output_dir) / MODEL_CARD).write_text(card)
         if run.pusher is not None:
             run.pusher.close()
-        if flags.push_to_hub:
-            hub.push_final(flags.output_dir, flags.hub_model_id or Path(flags.output_dir).name, private=flags.hub_private_repo)
+        if run.hub_repo is not None:
+            push_failed = hub.try_push_final(flags.output_dir, run.hub_repo, private=flags.hub_private_repo)
     accelerator.end_training()
+    if push_failed:
+        raise UserError(push_failed)
 
 
 def announce(run: Run, step: int) -> None:

@@ -3,6 +3,9 @@
 import contextlib
 import hashlib
 import json
+import os
+import re
+import sys
 import types
 from pathlib import Path
 
@@ -215,6 +218,25 @@ def test_a_damaged_finished_cache_without_its_noise_seed_is_refused(noise_folder
         build(noise_folder, components, cache_dir, noise_seed=None)
 
 
+def _other_parts(components, change: str):
+    """The components with one part replaced: another model or VAE by name, a VAE of another latent scaling, text
+    encoders of another width, another noise schedule."""
+    from diffusers import DDPMScheduler
+
+    def config(part, **changed):
+        return types.SimpleNamespace(**{**dict(part.config.to_dict() if hasattr(part.config, "to_dict") else part.config),
+                                        **changed})
+
+    parts = {
+        "model": dict(model_id="stabilityai/stable-diffusion-xl-base-1.0"),
+        "vae": dict(vae_id="madebyollin/sdxl-vae-fp16-fix"),
+        "vae_scaling": dict(vae=types.SimpleNamespace(config=config(components.vae, scaling_factor=0.18215))),
+        "text_encoder": dict(text_encoder=types.SimpleNamespace(config=config(components.text_encoder, hidden_size=48))),
+        "schedule": dict(noise_scheduler=DDPMScheduler.from_config({**components.noise_scheduler.config, "beta_end": 0.02})),
+    }[change]
+    return types.SimpleNamespace(**{**vars(components), **parts})
+
+
 @pytest.mark.parametrize("change, named", [
     (dict(ambient_timestep=300), "ambient_timestep"),
     (dict(resolution=48, min_bucket_reso=16), "resolution"),
@@ -222,18 +244,26 @@ def test_a_damaged_finished_cache_without_its_noise_seed_is_refused(noise_folder
     (dict(center_crop=True), "center_crop"),
     ("edit_image", "img4.png"),
     ("edit_caption", "caption"),
+    ("model", "model_id: cache has 'pipeline', now 'stabilityai/stable-diffusion-xl-base-1.0'"),
+    ("vae", "vae_id: cache has None, now 'madebyollin/sdxl-vae-fp16-fix'"),
+    ("vae_scaling", "'scaling_factor': 0.18215"),
+    ("text_encoder", "'prompt_embeds_dim': 80"),
+    ("schedule", "'beta_end': 0.02"),
 ])
-def test_cache_with_other_settings_or_data_is_refused(noise_folder, tmp_path, components, change, named):
+def test_cache_with_other_settings_or_data_is_refused(noise_folder, tmp_path, components, change, named, monkeypatch):
     build(noise_folder, components, tmp_path / "c")
     overrides = change if isinstance(change, dict) else {}
+    now = _other_parts(components, change) if change in ("model", "vae", "vae_scaling", "text_encoder", "schedule") \
+        else components
     if change == "edit_image":
         Image.new("RGB", SIZES[4][::-1], (1, 2, 3)).save(noise_folder / "img4.png")
     elif change == "edit_caption":
         rows = [json.loads(line) for line in (noise_folder / "metadata.jsonl").read_text().splitlines()]
         rows[1]["text"] = "another caption"
         (noise_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(ValueError, match=f"(?s){named}.*another --cache_dir"):
-        build(noise_folder, components, tmp_path / "c", **overrides)
+    monkeypatch.setattr(cache_mod, "encode_shard", lambda *a, **k: pytest.fail("encoded instead of refused"))
+    with pytest.raises(ValueError, match=f"(?s){re.escape(named)}.*another --cache_dir"):
+        build(noise_folder, now, tmp_path / "c", **overrides)
 
 
 def test_nonfinite_latents_name_the_files_and_suggest_the_fix(noise_folder, tmp_path, components, monkeypatch):
@@ -536,3 +566,92 @@ def test_a_dataset_of_the_earlier_format_is_read_with_its_one_level(noise_folder
     assert torch.equal(old[3]["observed"], cache[3]["observed"])
     with pytest.raises(ValueError, match="made by an earlier version"):
         build(noise_folder, components, tmp_path / "old", ambient_timestep=400)
+
+
+# ----------------------------------------------------------------------------- a complete cache is only read
+
+
+_WATCHED: list[str] = []
+_WRITES: list[tuple[str, str]] = []
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_PATH_EVENTS = {"os.rename": 2, "os.link": 2, "os.symlink": 2, "os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1,
+                "os.chown": 1, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1, "shutil.copyfile": 2, "shutil.move": 2}
+
+
+def _audit(event, args):
+    """Every attempt to open for writing, create, rename, remove or change a file under a watched folder."""
+    if not _WATCHED:
+        return
+    if event == "open":
+        path, mode, flags = args
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & _WRITE_FLAGS)
+        paths = [path] if writes else []
+    elif event in _PATH_EVENTS:
+        paths = list(args[:_PATH_EVENTS[event]])
+    else:
+        return
+    for path in paths:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            full = os.path.abspath(os.fsdecode(path))
+            if any(full == w or full.startswith(w + os.sep) for w in _WATCHED):
+                _WRITES.append((event, full))
+
+
+sys.addaudithook(_audit)  # an audit hook stays for the life of the process; it acts only while a folder is watched
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """The folder and its files made read-only (chmod; which does not bind root, as the tests may run) and
+    every write attempt under it recorded (Python's audit events: binds root as well); modes restored after."""
+    paths = [folder, *folder.rglob("*")]
+    modes = {p: p.stat().st_mode & 0o777 for p in paths}
+    for p in paths:
+        p.chmod(0o555 if p.is_dir() else modes[p] & 0o444)
+    _WRITES.clear()
+    _WATCHED.append(os.path.abspath(folder))
+    try:
+        yield _WRITES
+    finally:
+        _WATCHED.clear()
+        for p in reversed(paths):
+            p.chmod(modes[p])
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["secret_seed", "given_seed", "corrupt_output"])
+def test_a_complete_cache_on_a_read_only_folder_trains(case, tmp_path, tiny_pipeline_dir, noise_folder, caplog):
+    """Reading a complete latent cache (a --cache_dir with its own secret seed or a given one, or a `corrupt` output
+    as --train_data_dir) needs no write access: a second run on the folder made read-only trains, writes nothing
+    there, and gets the weights of the first run (the same cache was read)."""
+    import logging
+
+    from helpers.training import lora_weights, run_inprocess, tiny_args
+
+    seed = "0" if case == "given_seed" else None
+    if case == "corrupt_output":
+        folder = tmp_path / "noisy"
+        assert corrupt(tiny_pipeline_dir, noise_folder, folder) == 0
+        data, extra = folder, []
+    else:
+        folder = tmp_path / "cache"
+        data, extra = noise_folder, ["--cache_dir", folder]
+
+    def train(out):
+        args = tiny_args(tiny_pipeline_dir, data, out, *extra, steps=2, noise_seed=seed)
+        if case == "corrupt_output":  # t_n is the dataset's
+            del args[args.index("--ambient_timestep"):args.index("--ambient_timestep") + 2]
+        assert run_inprocess(args) == 0
+
+    train(tmp_path / "first")
+    before = _snapshot(folder)
+    with read_only(folder) as writes, caplog.at_level(logging.INFO, logger="sdxl_ambient"):
+        train(tmp_path / "second")
+    assert writes == [] and _snapshot(folder) == before
+    assert "encoding" not in caplog.text
+    first, second = lora_weights(tmp_path / "first"), lora_weights(tmp_path / "second")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -16,7 +16,7 @@ LAYERS = [
      "evaluation.report"},
     {"cache", "heldout", "pipelines", "toy"},
     {"config"},
-    {"train", "corrupt", "generate", "demo", "cli", "evaluation.memorization", "evaluation.quality"},
+    {"train", "corrupt", "generate", "demo", "cli", "push", "evaluation.memorization", "evaluation.quality"},
 ]
 COMMANDS = LAYERS[-1]
 

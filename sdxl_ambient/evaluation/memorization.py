@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdxl_ambient.data import DataSource, ImageRecord
 from sdxl_ambient.errors import UserError
-from sdxl_ambient.images import image_grid
+from sdxl_ambient.images import image_grid, open_image
 
 THRESHOLDS = (0.9, 0.95, 0.99)
 PERCENTILES = (50, 90, 95, 99)
@@ -34,12 +35,22 @@ DEFAULT_EMBEDDER = "facebook/dinov2-base"
 # ----------------------------------------------------------------------------- data
 
 
-def read_training_set(train_data_dir: str | Path, caption_column: str = "text") -> list[dict]:
-    """[{"path", "caption"}] of an image folder, read as training reads it (``metadata.jsonl`` or
-    kohya ``.txt`` captions, :func:`data.folder_records`)."""
-    from sdxl_ambient.data import folder_records
+def read_training_set(source: DataSource | str | Path) -> list[ImageRecord]:
+    """The training images and captions, read as training reads them (:func:`data.collect_records`:
+    ``metadata.jsonl`` / ``.csv``, kohya ``.txt`` captions, a ``save_to_disk`` folder or a Hub
+    dataset; every image decoded once, broken ones an error or skipped, captions checked). A folder
+    is read with the default columns. A noisy-latent dataset holds no images and is refused."""
+    from sdxl_ambient.cache import is_latent_dataset
+    from sdxl_ambient.data import check_captions, check_images, collect_records
 
-    return [{"path": r.source, "caption": r.caption} for r in folder_records(train_data_dir, caption_column)]
+    if not isinstance(source, DataSource):
+        source = DataSource(train_data_dir=str(source))
+    if source.train_data_dir and is_latent_dataset(source.train_data_dir):
+        raise UserError(f"--train_data_dir {source.train_data_dir} is a noisy-latent dataset: the memorisation report "
+                        "compares samples with the clean training images, so give the image folder it was made from")
+    records, _ = check_images(collect_records(source), source.skip_broken_images)
+    check_captions(records, source.allow_empty_captions)
+    return records
 
 
 # ----------------------------------------------------------------------------- measures
@@ -104,7 +115,7 @@ def score_top1(images, train_embeddings: Mapping[str, torch.Tensor], embedders: 
 @torch.no_grad()
 def noise_attack(pipe, images_or_latents, prompts: Sequence[str], embedders: Mapping, *, timestep: int = 900,
                  num_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, resolution: int | None = None) -> dict:
-    """Noise training images (PIL list) or scaled latents to ``timestep``, reconstruct them in one
+    """Noise training images (PIL images or paths, read by :func:`images.open_image`) or scaled latents to ``timestep``, reconstruct them in one
     Tweedie step and by ``num_steps`` DDIM steps (``sampling.ddim_reconstruct``), and score each
     reconstruction's cosine similarity to its original, per embedder.
 
@@ -115,7 +126,7 @@ def noise_attack(pipe, images_or_latents, prompts: Sequence[str], embedders: Map
         latents = images_or_latents.to(pipe.unet.device, pipe.unet.dtype)
         originals = decode_latents(pipe, latents)
     else:
-        originals = list(images_or_latents)
+        originals = [open_image(im) for im in images_or_latents]  # as training reads them
         resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
         latents = encode_images(pipe, originals, resolution)
     if len(prompts) != latents.shape[0]:
@@ -272,11 +283,9 @@ def parse_truncation(specs: Sequence[str] | None, names: Sequence[str]) -> dict[
 
 
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_model_arguments, add_sampling_arguments
+    from sdxl_ambient.config import add_data_source_arguments, add_model_arguments, add_sampling_arguments
 
-    parser.add_argument("--train_data_dir", required=True,
-                        help="the fine-tuning images (metadata.jsonl or .txt captions, as training reads them)")
-    parser.add_argument("--caption_column", default="text")
+    add_data_source_arguments(parser)  # the fine-tuning set, read as training reads it
     parser.add_argument("--model", action="append", required=True, metavar="NAME=BASE[:LORA]",
                         help="a model to test (repeat for several): base model or full fine-tune, optional LoRA")
     parser.add_argument("--ambient_timestep", action="append", metavar="NAME=T_N",
@@ -293,16 +302,16 @@ def add_arguments(parser) -> None:
     add_sampling_arguments(parser)
 
 
-def evaluate_models(specs: Sequence[tuple[str, str, str | None]], train_data_dir, output_dir, *, embedder: str,
-                    clip_model: str | None = None, caption_column: str = "text", truncation: Mapping[str, int] | None = None,
+def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSource | str | Path, output_dir, *,
+                    embedder: str, clip_model: str | None = None, truncation: Mapping[str, int] | None = None,
                     num_images: int = 100, num_attack_images: int = 8, attack_timestep: int = 900, attack_steps: int = 50,
                     top_k: int = 8, seed: int = 0, resolution: int = 1024, batch_size: int = 4, device=None,
                     pipeline_kwargs: Mapping | None = None, sample_kwargs: Mapping | None = None,
                     settings: Mapping | None = None) -> dict[str, Path]:
     """The generation test and the noise attack for each (name, base, lora) model against the
-    training images in ``train_data_dir``; writes the report (:func:`write_report`) and returns its paths."""
+    training set ``source`` (:func:`read_training_set`); writes the report (:func:`write_report`) and returns its paths."""
+    from sdxl_ambient.data import load_image
     from sdxl_ambient.evaluation.features import ClipImageEmbedder, DinoV2Embedder
-    from sdxl_ambient.images import load_images
     from sdxl_ambient.models import resolve_device
     from sdxl_ambient.pipelines import load_pipeline
 
@@ -310,9 +319,9 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], train_data_dir
     if len(set(names)) != len(names):
         raise UserError(f"--model names must be distinct, got {names}")
     truncation = dict(truncation or {})
-    train = read_training_set(train_data_dir, caption_column)
-    train_images = load_images([r["path"] for r in train])
-    captions = [r["caption"] for r in train]
+    train = read_training_set(source)
+    train_images = [load_image(r) for r in train]
+    captions = [r.caption for r in train]
     device = resolve_device(device)
     embedders = {"dinov2": DinoV2Embedder(embedder, device=device)}
     if clip_model:
@@ -338,16 +347,18 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], train_data_dir
 
     record = dict(settings or {})
     record.update(models={n: {"base": b, "lora": lora, "ambient_timestep": truncation.get(n, 0)} for n, b, lora in specs},
-                  attack_timestep=attack_timestep, training_images=[Path(r["path"]).name for r in train],
+                  attack_timestep=attack_timestep, training_images=[r.key for r in train],
                   sscd="not available (weights only as TorchScript/pickle)")
     return write_report(output_dir, results, record, train_images=train_images, top_k=top_k)
 
 
 def run(args) -> int:
+    from sdxl_ambient.config import data_source
+
     specs = [parse_model_spec(s) for s in args.model]
     paths = evaluate_models(
-        specs, args.train_data_dir, args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
-        caption_column=args.caption_column, truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
+        specs, data_source(args), args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
+        truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
         num_images=args.num_images, num_attack_images=args.num_attack_images, attack_timestep=args.attack_timestep,
         attack_steps=args.attack_steps, top_k=args.top_k, seed=args.seed, resolution=args.resolution,
         batch_size=args.batch_size, device=args.device,

@@ -33,18 +33,18 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def launch_command(args: list[str], num_processes: int = 1) -> list[str]:
+def launch_command(args: list[str], num_processes: int = 1, script: Path = SCRIPT) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     if num_processes > 1:
         cmd.append("--multi_gpu")
-    return cmd + [str(SCRIPT)] + args
+    return cmd + [str(script)] + args
 
 
-def launch(args: list[str], num_processes: int = 1, timeout: int = 300, check: bool = True, **env):
-    """`accelerate launch train_sdxl_ambient.py ARGS`; returns the CompletedProcess (output captured)."""
+def launch(args: list[str], num_processes: int = 1, timeout: int = 300, check: bool = True, script: Path = SCRIPT, **env):
+    """`accelerate launch train_sdxl_ambient.py ARGS` (or another ``script``); returns the CompletedProcess (output captured)."""
     extra = {"ACCELERATE_USE_CPU": "true"} if num_processes > 1 else {}
-    proc = subprocess.run(launch_command(args, num_processes), cwd=ROOT, env=subprocess_env(**extra, **env),
+    proc = subprocess.run(launch_command(args, num_processes, script), cwd=ROOT, env=subprocess_env(**extra, **env),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
