@@ -473,7 +473,7 @@ def check_lora(pipeline: str, lora: str) -> dict:
         with safe_open(str(Path(lora) / weight_name), framework="pt") as f:
             keys = list(f.keys())
         start = time.perf_counter()
-        pipe.load_lora_weights(lora, weight_name=weight_name)
+        pipe.load_lora_weights(lora, weight_name=weight_name, use_safetensors=True)
         factors = {p: lora_factors(getattr(pipe, p)) for p in parts}
         result[weight_name] = {"tensors_in_file": len(keys), "load_s": round(time.perf_counter() - start, 1),
                                "adapted_layers": {p: len(d) for p, d in factors.items()}}

@@ -1,6 +1,6 @@
 """The noisy-latent cache: images are encoded and corrupted once, training reads latents.
 
-For each example (key k) the cache stores only the observation
+For each example (key k, at its own noise level t_n) the cache stores only the observation
 
     y = sqrt(abar_n) z + sqrt(1 - abar_n) eps,   z = scaling_factor * (mu + sigma * xi),
 
@@ -18,7 +18,7 @@ of both CLIP encoders, concatenated; pooled = text_encoder_2's projected output)
 
 On disk: ``shard-00000.safetensors``, ... and ``manifest.json`` recording what made the
 cache (settings, model, data fingerprints, captions) and the completed shards with a
-checksum. Shards and the manifest are replaced atomically, so an interrupted build is
+checksum, and each example's t_n (0 = clean) beside its key. Shards and the manifest are replaced atomically, so an interrupted build is
 completed by re-encoding only the missing or damaged shards. The same folder is the
 shareable dataset that ``sdxl-ambient corrupt`` writes.
 """
@@ -44,6 +44,7 @@ from sdxl_ambient.data import (
     DataConfig,
     DataSource,
     TrainingImages,
+    check_source_names,
     example_generator,
     load_training_images,
     prepare_example,
@@ -51,14 +52,15 @@ from sdxl_ambient.data import (
 )
 from sdxl_ambient.durable import atomic_write
 from sdxl_ambient.errors import UserError
-from sdxl_ambient.objectives import add_noise, check_ambient_timestep, observation_abar
+from sdxl_ambient.objectives import add_noise, check_ambient_timestep
 from sdxl_ambient.outputs import OutputFolder
 from sdxl_ambient.text import text_embeddings, tokenize
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "sdxl-ambient-noisy-latents"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: a t_n per example (version 2 datasets, one t_n for all, are still read)
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 SECRETS = ".secrets.json"
 # Every file a cache folder may hold (shards, manifest, secret, an atomic write in progress): it
@@ -115,9 +117,9 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
         raise UserError(f"{path} is not valid JSON ({e}); delete the folder {cache_dir} to rebuild the cache") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not an sdxl-ambient latent cache manifest; use another --cache_dir")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise UserError(f"{path}: cache format version {manifest.get('format_version')}, this version reads "
-                         f"{FORMAT_VERSION}; delete {cache_dir} (or use another --cache_dir) to rebuild it")
+                         f"{READABLE_VERSIONS}; delete {cache_dir} (or use another --cache_dir) to rebuild it")
     return manifest
 
 
@@ -177,28 +179,33 @@ def fresh_noise_seed() -> str:
     return secrets.token_hex(16)  # 128 bits
 
 
-def manifest_settings(config: DataConfig, components, ambient_timestep: int, shard_size: int) -> dict:
-    """What the manifest records of how the cache was made; a cache is reused only when they are equal."""
+def manifest_settings(config: DataConfig, components, shard_size: int) -> dict:
+    """What the manifest records of how the cache was made; a cache is reused only when they are equal
+    (and its examples, each with its t_n, are the same)."""
     return {
         "model_id": public_name(getattr(components, "model_id", None)),
         "vae_id": public_name(getattr(components, "vae_id", None)),
         **config.as_dict(),
-        "ambient_timestep": int(ambient_timestep),
         "shard_size": int(shard_size),
         "model": model_signature(components),
     }
 
 
-def data_entries(images: TrainingImages, key: str) -> list[dict]:
-    """Per example: key (relative file name or row), content fingerprint, original size, caption.
+def example_levels(images: TrainingImages, ambient_timestep: int) -> list[int]:
+    """Each example's t_n: its own (metadata or source), else ``ambient_timestep``."""
+    return [ambient_timestep if r.ambient_timestep is None else r.ambient_timestep for r in images.records]
+
+
+def data_entries(images: TrainingImages, key: str, ambient_timestep: int) -> list[dict]:
+    """Per example: key (relative file name or row), t_n, content fingerprint, original size, caption.
 
     The fingerprint is keyed (``data_key``): a plain hash of the file would let anyone holding a
     candidate image confirm that it is in a shared noisy dataset."""
     def keyed(fingerprint: dict) -> str:
         return hashlib.sha256(f"{key}\x00{json.dumps(fingerprint, sort_keys=True)}".encode()).hexdigest()
 
-    return [{"key": r.key, "content": keyed(r.fingerprint), "original_size": list(r.original_size), "caption": r.caption}
-            for r in images.records]
+    return [{"key": r.key, "ambient_timestep": level, "content": keyed(r.fingerprint), "original_size": list(r.original_size),
+             "caption": r.caption} for r, level in zip(images.records, example_levels(images, ambient_timestep))]
 
 
 def _setting_differences(old: dict, new: dict) -> list[str]:
@@ -249,11 +256,10 @@ def example_noise(shape, seed, key: str) -> torch.Tensor:
     return torch.randn(shape, generator=example_generator(seed, key, "noise"))
 
 
-def observe(z: torch.Tensor, keys: list[str], seed, ambient_timestep: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """y = add_noise(z, t_n, eps) with each example's fixed eps."""
+def observe(z: torch.Tensor, keys: list[str], seed, levels: list[int], alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """y = add_noise(z, t_n, eps) with each example's fixed eps at its own t_n."""
     noise = torch.stack([example_noise(z.shape[1:], seed, k) for k in keys])
-    t_n = torch.full((z.shape[0],), ambient_timestep, dtype=torch.long)
-    return add_noise(z, t_n, noise, alphas_cumprod)
+    return add_noise(z, torch.tensor(levels, dtype=torch.long), noise, alphas_cumprod)
 
 
 def _check_finite(z: torch.Tensor, names: list[str]) -> None:
@@ -281,7 +287,8 @@ def _encode_images(images: TrainingImages, indices: list[int], components, ambie
             keys = [r.key for r in records]
             z = encode_latents(components.vae, torch.stack([e["pixel_values"] for e in examples]), keys, seed, device)
             _check_finite(z, [r.name for r in records])
-            y = observe(z, keys, seed, ambient_timestep, components.noise_scheduler.alphas_cumprod)
+            levels = [ambient_timestep if r.ambient_timestep is None else r.ambient_timestep for r in records]
+            y = observe(z, keys, seed, levels, components.noise_scheduler.alphas_cumprod)
             for i, y_i, e in zip(batch, y, examples):
                 out[f"{i}.observed"], out[f"{i}.time_ids"] = y_i.float().contiguous(), e["time_ids"]
     return out
@@ -346,7 +353,8 @@ def _noise_seed_for(cache_dir: Path, manifest: dict | None, given: str | None, s
     return seed
 
 
-def _check_complete(cache_dir: Path, manifest: dict, images: TrainingImages, given: str | None, secret: dict) -> None:
+def _check_complete(cache_dir: Path, manifest: dict, images: TrainingImages, given: str | None, secret: dict,
+                    ambient_timestep: int) -> None:
     """A finished cache is reused only for the same data, which its data key lets us check."""
     if given is not None and seed_digest(given) != manifest["noise_seed_digest"]:
         raise UserError(f"the latent cache in {cache_dir} was made with another --noise_seed; "
@@ -355,8 +363,15 @@ def _check_complete(cache_dir: Path, manifest: dict, images: TrainingImages, giv
     if key is None:
         raise UserError(f"{cache_dir} already holds a complete noisy-latent dataset whose data cannot be checked "
                         f"(it keeps no key): choose another output folder, or train on it with --train_data_dir {cache_dir}")
-    if manifest["data"]["examples"] != data_entries(images, key):
-        _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data_entries(images, key)))
+    entries = data_entries(images, key, ambient_timestep)
+    if manifest["data"]["examples"] != entries:
+        _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], entries))
+
+
+def _check_levels(images: TrainingImages, ambient_timestep: int, num_train_timesteps: int) -> None:
+    for record, level in zip(images.records, example_levels(images, ambient_timestep)):
+        if not 0 <= level < num_train_timesteps:
+            raise UserError(f"{record.name}: ambient_timestep {level} must be in [0, {num_train_timesteps}) (0 = clean)")
 
 
 def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components, ambient_timestep: int, *,
@@ -365,18 +380,23 @@ def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components
     """Encode and corrupt every example into ``cache_dir``, complete a cache cut off half-way, or
     reuse a complete one made from the same data with the same settings.
 
-    ``noise_seed`` None draws a fresh secret one for a new cache. ``shareable`` (the output of
+    ``ambient_timestep`` is the t_n of examples without their own. ``noise_seed`` None draws a fresh
+    secret one for a new cache. ``shareable`` (the output of
     ``corrupt``) keeps no key once complete. A cache made with other settings or other data is
     refused (the error names what differs). The VAE runs in fp32 unless the components carry a
     separate VAE (``vae_id``)."""
     cache_dir = Path(cache_dir)
     check_ambient_timestep(ambient_timestep, len(components.noise_scheduler.alphas_cumprod))
-    settings = manifest_settings(images.config, components, ambient_timestep, shard_size)
+    _check_levels(images, ambient_timestep, len(components.noise_scheduler.alphas_cumprod))
+    settings = manifest_settings(images.config, components, shard_size)
     manifest, secret = read_manifest(cache_dir), _read_secrets(cache_dir)
+    if manifest is not None and manifest["format_version"] != FORMAT_VERSION:
+        raise UserError(f"the latent cache in {cache_dir} was made by an earlier version (format {manifest['format_version']}): "
+                        f"delete {cache_dir} to rebuild it, or use another --cache_dir")
     if manifest is not None and manifest["settings"] != settings:
         _refuse(cache_dir, "settings", _setting_differences(manifest["settings"], settings))
     if manifest is not None and manifest.get("complete"):
-        _check_complete(cache_dir, manifest, images, noise_seed, secret)
+        _check_complete(cache_dir, manifest, images, noise_seed, secret, ambient_timestep)
         damaged = sorted(set(manifest["shards"]) - set(_valid_shards(cache_dir, manifest)))
         if not damaged:
             return LatentCache(cache_dir, verify=False)
@@ -384,16 +404,15 @@ def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components
             raise UserError(f"latent cache shard {cache_dir / damaged[0]} is missing or damaged, and a finished cache "
                             f"keeps no noise seed to re-make it: delete {cache_dir} to rebuild it")
     seed = _noise_seed_for(cache_dir, manifest, noise_seed, secret)
-    data = data_entries(images, data_key(seed))
+    data = data_entries(images, data_key(seed), ambient_timestep)
     if manifest is not None and manifest["data"]["examples"] != data:
         _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data))
     shards = _valid_shards(cache_dir, manifest) if manifest is not None else {}
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write_secrets(cache_dir, {"noise_seed": seed, "data_key": data_key(seed)})
-    abar = observation_abar(components.noise_scheduler.alphas_cumprod, torch.tensor([ambient_timestep]))
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings,
-        "noise_seed_digest": seed_digest(seed), "observation_abar": float(abar), "num_examples": len(data),
+        "noise_seed_digest": seed_digest(seed), "num_examples": len(data),
         "complete": False, "data": {"origin": images.origin, "examples": data, "skipped": images.skipped},
         "shards": shards,
     }
@@ -447,12 +466,22 @@ class LatentCache(torch.utils.data.Dataset):
         for name, entry in manifest["shards"].items():
             for i, shape in zip(entry["indices"], entry["latent_shapes"]):
                 self._where[i], self._shapes[i] = name, tuple(shape)
-        self._captions = [e["caption"] for e in manifest["data"]["examples"]]
+        examples = manifest["data"]["examples"]
+        self._captions = [e["caption"] for e in examples]
+        self.keys = [e["key"] for e in examples]
+        # version 2 datasets have one t_n in their settings
+        self.ambient_timesteps = [int(e.get("ambient_timestep", manifest["settings"].get("ambient_timestep", 0))) for e in examples]
         self._handles: dict = {}
 
     @property
+    def levels(self) -> list[int]:
+        """The distinct t_n of its examples, lowest first."""
+        return sorted(set(self.ambient_timesteps))
+
+    @property
     def ambient_timestep(self) -> int:
-        return self.manifest["settings"]["ambient_timestep"]
+        """The lowest t_n of its examples (the one t_n when they share it)."""
+        return self.levels[0]
 
     def __len__(self) -> int:
         return self.manifest["num_examples"]
@@ -471,9 +500,9 @@ class LatentCache(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for a cache of {len(self)} examples")
         f = self._handle(self._where[i])
         item = {k: f.get_tensor(f"{i}.{k}") for k in self.FIELDS}
-        item["observed_timestep"] = torch.tensor(self.ambient_timestep, dtype=torch.long)
+        item["observed_timestep"] = torch.tensor(self.ambient_timesteps[i], dtype=torch.long)
         item["index"] = torch.tensor(i, dtype=torch.long)
-        item["caption"] = self._captions[i]
+        item["caption"], item["key"] = self._captions[i], self.keys[i]
         return item
 
     def __getstate__(self):  # DataLoader workers reopen the shards
@@ -541,11 +570,20 @@ def check_model_family(cache: LatentCache, components) -> None:
                         + "; ".join(_setting_differences(made_with, now)))
 
 
-def adopt_latent_dataset(folder, components) -> LatentCache:
-    """A noisy-latent dataset given as --train_data_dir, used as is (its t_n: :func:`training_timestep`)."""
+def adopt_latent_dataset(folder, components, ambient_timestep: int | None) -> LatentCache:
+    """A noisy-latent dataset given as --train_data_dir (or a data source), used as is;
+    ``ambient_timestep`` None adopts its examples' t_n, a number must equal them (:func:`check_adopted_level`)."""
     cache = LatentCache(folder)
     check_model_family(cache, components)
+    check_adopted_level(cache, ambient_timestep)
     return cache
+
+
+def check_adopted_level(cache: LatentCache, ambient_timestep: int | None) -> None:
+    if ambient_timestep is not None and cache.levels != [ambient_timestep]:
+        hint = f"pass --ambient_timestep {cache.ambient_timestep}" if len(cache.levels) == 1 else "its examples carry their own"
+        raise UserError(f"--ambient_timestep {ambient_timestep} differs from the t_n {cache.levels} of the "
+                        f"latent dataset {cache.cache_dir}; {hint} (or leave it out)")
 
 
 @dataclass(frozen=True)
@@ -564,20 +602,31 @@ def cache_folder(cache_dir, flag: str = "--cache_dir", command: str = "train") -
 
 
 def uses_latent_dataset(source: DataSource) -> bool:
-    """Whether --train_data_dir is a noisy-latent dataset (from ``corrupt``), trained on as is."""
+    """Whether the source is a noisy-latent dataset (from ``corrupt``), trained on as is."""
     return bool(source.train_data_dir) and is_latent_dataset(source.train_data_dir)
 
 
-def training_timestep(source: DataSource, settings: CacheSettings) -> int:
-    """The t_n training uses: that of a noisy-latent dataset given as --train_data_dir (a given
-    --ambient_timestep must equal it), else --ambient_timestep, else 0 (clean data)."""
-    if uses_latent_dataset(source):
-        t_n = read_manifest(source.train_data_dir)["settings"]["ambient_timestep"]
-        if settings.ambient_timestep is not None and settings.ambient_timestep != t_n:
-            raise UserError(f"--ambient_timestep {settings.ambient_timestep} differs from the t_n = {t_n} of the "
-                            f"latent dataset {source.train_data_dir}; pass --ambient_timestep {t_n} (or leave it out)")
-        return t_n
-    return 0 if settings.ambient_timestep is None else settings.ambient_timestep
+def image_sources(sources) -> list[DataSource]:
+    """The sources whose images go into the run's own cache (the others are noisy-latent datasets)."""
+    return [s for s in sources if not uses_latent_dataset(s)]
+
+
+@dataclass(frozen=True)
+class PlannedData:
+    """What the run will train on, known before any model loads: each example's t_n, and each latent
+    cache's fingerprint (a digest of its examples, levels and noise, and how its images became
+    latents), None for a new cache that will draw a fresh secret noise seed."""
+
+    levels: list[int]
+    fingerprints: list[dict | None]
+
+    @property
+    def fingerprint(self) -> list[dict] | None:
+        return None if any(f is None for f in self.fingerprints) else list(self.fingerprints)
+
+    def built(self, cache_dir) -> list[dict]:
+        """The fingerprints once the run's cache exists (a new cache's is known only then)."""
+        return [latent_data_fingerprint(read_manifest(cache_dir)) if f is None else f for f in self.fingerprints]
 
 
 def _data_digest(noise_seed_digest: str, examples: list[dict]) -> str:
@@ -586,49 +635,143 @@ def _data_digest(noise_seed_digest: str, examples: list[dict]) -> str:
 
 def latent_data_fingerprint(manifest: dict) -> dict:
     """What a cache or latent dataset gives training: a digest of its examples (keyed fingerprints,
-    captions) and its noise, its t_n, and how its images became latents (the DataConfig settings)."""
+    levels, captions) and its noise, and how its images became latents (the DataConfig settings)."""
     settings = manifest["settings"]
     return {"latent_data": _data_digest(manifest["noise_seed_digest"], manifest["data"]["examples"]),
-            "ambient_timestep": settings["ambient_timestep"],
             **{key: settings[key] for key in DataConfig.__dataclass_fields__}}
 
 
-def expected_latent_data(source: DataSource, config: DataConfig, settings: CacheSettings,
-                         images: TrainingImages | None) -> dict:
-    """:func:`latent_data_fingerprint` of the data the trainer will use, known before any model loads:
-    a latent dataset's or an existing cache's own, or a new cache's made with --noise_seed. Its
-    "latent_data" is None when a new cache will draw a fresh secret noise seed (new noise)."""
-    if uses_latent_dataset(source):
-        return latent_data_fingerprint(read_manifest(source.train_data_dir))
-    manifest = read_manifest(settings.cache_dir)
-    if settings.noise_seed is not None:
-        digest = _data_digest(seed_digest(settings.noise_seed), data_entries(images, data_key(settings.noise_seed)))
-    elif manifest is not None:  # reused or completed as it is (the build refuses it for other data)
-        digest = _data_digest(manifest["noise_seed_digest"], manifest["data"]["examples"])
-    else:
-        digest = None
-    return {"latent_data": digest, "ambient_timestep": training_timestep(source, settings), **config.as_dict()}
+def plan_data(sources, config: DataConfig, settings: CacheSettings, images: TrainingImages | None) -> PlannedData:
+    """:class:`PlannedData` from the sources (latent datasets read from their manifests), the checked
+    ``images`` of the image sources (None when there are none) and the cache folder."""
+    default = 0 if settings.ambient_timestep is None else settings.ambient_timestep
+    levels, fingerprints = [], []
+    for source in sources:
+        if uses_latent_dataset(source):
+            dataset = LatentCache(source.train_data_dir, verify=False)
+            level = source.ambient_timestep if source.ambient_timestep is not None else settings.ambient_timestep
+            check_adopted_level(dataset, level)
+            levels += dataset.ambient_timesteps
+            fingerprints.append(latent_data_fingerprint(dataset.manifest))
+    if images is not None:
+        levels += example_levels(images, default)
+        manifest = read_manifest(settings.cache_dir)
+        if settings.noise_seed is not None:
+            entries = data_entries(images, data_key(settings.noise_seed), default)
+            fingerprints.append({"latent_data": _data_digest(seed_digest(settings.noise_seed), entries), **config.as_dict()})
+        elif manifest is not None:  # reused or completed as it is (the build refuses it for other data)
+            fingerprints.append(latent_data_fingerprint(manifest))
+        else:
+            fingerprints.append(None)
+    return PlannedData(levels=sorted(set(levels)), fingerprints=fingerprints)
 
 
-def prepare_cache(source: DataSource, config: DataConfig, settings: CacheSettings, components, accelerator=None,
-                  images: TrainingImages | None = None) -> LatentCache:
-    """The trainer's one call: a noisy-latent dataset given as --train_data_dir as is, or the
-    cache in ``settings.cache_dir`` built, completed or reused on the main process from ``images``
-    (checked already; read from ``source`` when None). The training t_n is the returned cache's
-    ``ambient_timestep``."""
-    t_n = training_timestep(source, settings)
-    if uses_latent_dataset(source):
-        return adopt_latent_dataset(source.train_data_dir, components)
-    device = accelerator.device if accelerator is not None else None
+@dataclass(frozen=True)
+class SourcePart:
+    """One data source's examples: their indices in a latent cache (the run's own, or a noisy-latent
+    dataset used as is), how many times each is seen per epoch, and the prefix that keeps the keys of
+    an adopted dataset apart from the others'."""
 
-    def build():
-        checked = images if images is not None else load_training_images(source, config)
-        build_cache(settings.cache_dir, checked, components, t_n, noise_seed=settings.noise_seed, device=device)
+    name: str
+    cache: LatentCache
+    indices: tuple[int, ...]
+    repeats: int = 1
+    key_prefix: str = ""
 
-    if accelerator is None:
-        build()
-    else:
-        with accelerator.main_process_first():
-            if accelerator.is_main_process:
-                build()
-    return LatentCache(settings.cache_dir, verify=False)
+
+class TrainingSet(torch.utils.data.Dataset):
+    """The examples a run trains on: each source's examples (each with its own t_n), repeated
+    ``repeats`` times per epoch. Items are the latent cache's, with ``key`` unique across sources."""
+
+    def __init__(self, parts: list[SourcePart]):
+        self.parts = [p for p in parts if p.indices]
+        if not self.parts:
+            raise UserError("no training examples are left (every example is held out for validation?)")
+        self._items = [(n, i) for n, p in enumerate(self.parts) for _ in range(p.repeats) for i in p.indices]
+        self._shapes = [p.cache.latent_shapes() for p in self.parts]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, n: int) -> dict:
+        part_no, i = self._items[n]
+        part = self.parts[part_no]
+        item = part.cache[i]
+        item["key"] = part.key_prefix + item["key"]
+        return item
+
+    def latent_shapes(self) -> list[tuple[int, int]]:
+        """Latent (h, w) of every item, in order (repeats included)."""
+        return [self._shapes[n][i] for n, i in self._items]
+
+    def examples(self) -> list[tuple[int, int, str, int]]:
+        """Each distinct example once: (part number, cache index, key, t_n)."""
+        return [(n, i, p.key_prefix + p.cache.keys[i], p.cache.ambient_timesteps[i]) for n, p in enumerate(self.parts)
+                for i in p.indices]
+
+    @property
+    def levels(self) -> list[int]:
+        """The distinct t_n of the examples, lowest first."""
+        return sorted({level for *_, level in self.examples()})
+
+    @property
+    def ambient_timestep(self) -> int:
+        """The lowest t_n with data (the one t_n when all examples share it)."""
+        return self.levels[0]
+
+    def without(self, held: set[tuple[int, int]]) -> TrainingSet:
+        """The same sources less the (part number, index) pairs in ``held``."""
+        return TrainingSet([SourcePart(p.name, p.cache, tuple(i for i in p.indices if (n, i) not in held), p.repeats,
+                                       p.key_prefix) for n, p in enumerate(self.parts)])
+
+    def summary(self) -> list[dict]:
+        """Per source: name, examples, repeats and t_n (a number, or {t_n: examples} when they differ)."""
+        out = []
+        for p in self.parts:
+            counts: dict[int, int] = {}
+            for i in p.indices:
+                counts[p.cache.ambient_timesteps[i]] = counts.get(p.cache.ambient_timesteps[i], 0) + 1
+            level = next(iter(counts)) if len(counts) == 1 else {str(k): v for k, v in sorted(counts.items())}
+            out.append({"name": p.name, "examples": len(p.indices), "repeats": p.repeats, "ambient_timestep": level})
+        return out
+
+
+def prepare_cache(sources: DataSource | list[DataSource], config: DataConfig, settings: CacheSettings, components,
+                  accelerator=None, images: TrainingImages | None = None) -> TrainingSet:
+    """The trainer's one call: each source's examples, as a :class:`TrainingSet`.
+
+    A noisy-latent dataset (the output of ``corrupt``) is used as is; all image sources go into one
+    cache in ``settings.cache_dir``, built, completed or reused on the main process from ``images``
+    (checked already; read from the sources when None), each example at its own t_n (its
+    metadata's, its source's, else ``settings.ambient_timestep``, else 0)."""
+    sources = [sources] if isinstance(sources, DataSource) else list(sources)
+    check_source_names(sources)
+    several = len(sources) > 1
+    cache = None
+    if image_sources(sources):
+        t_n = 0 if settings.ambient_timestep is None else settings.ambient_timestep
+        device = accelerator.device if accelerator is not None else None
+
+        def build():
+            loaded = images if images is not None else load_training_images(image_sources(sources), config, prefix_keys=several)
+            build_cache(settings.cache_dir, loaded, components, t_n, noise_seed=settings.noise_seed, device=device)
+
+        if accelerator is None:
+            build()
+        else:
+            with accelerator.main_process_first():
+                if accelerator.is_main_process:
+                    build()
+        cache = LatentCache(settings.cache_dir, verify=False)
+    parts = []
+    for source in sources:
+        if uses_latent_dataset(source):
+            level = source.ambient_timestep if source.ambient_timestep is not None else settings.ambient_timestep
+            adopted = adopt_latent_dataset(source.train_data_dir, components, level)
+            parts.append(SourcePart(source.label, adopted, tuple(range(len(adopted))), source.repeats,
+                                    f"{source.label}/" if several else ""))
+        else:
+            prefix = f"{source.label}/" if several else ""
+            indices = tuple(i for i, key in enumerate(cache.keys) if key.startswith(prefix))
+            parts.append(SourcePart(source.label, cache, indices, source.repeats))
+    return TrainingSet(parts)

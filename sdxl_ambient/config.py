@@ -20,10 +20,13 @@ from pathlib import Path
 import yaml
 
 from sdxl_ambient.cache import CacheSettings
-from sdxl_ambient.data import DataConfig, DataSource
+from sdxl_ambient.data import DataConfig, DataSource, check_source_names
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import LATENT_CACHE_DIR
+from sdxl_ambient.heldout import HeldOutSettings, split_size
 from sdxl_ambient.models import DTYPES
+from sdxl_ambient.objectives import check_ambient_timestep
+from sdxl_ambient.optimizers import OPTIMIZERS, OptimizerSettings
 from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN
 from sdxl_ambient.step import ObjectiveSettings
 from sdxl_ambient.validation import ValidationSettings
@@ -41,6 +44,16 @@ class FlagParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def str_to_bool(text: str) -> bool:
+    """A flag that takes a value (diffusers' ``--prodigy_decouple True``): true/false, yes/no, 1/0."""
+    word = str(text).strip().lower()
+    if word in ("true", "yes", "1"):
+        return True
+    if word in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 
 def add_model_arguments(parser, *, base: bool = True, required: bool = False) -> None:
     g = parser.add_argument_group("model")
@@ -53,6 +66,37 @@ def add_model_arguments(parser, *, base: bool = True, required: bool = False) ->
     g.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
 
 
+SOURCE_KEYS = {"name": str, "train_data_dir": str, "dataset_name": str, "dataset_config_name": str, "image_column": str,
+               "caption_column": str, "max_train_samples": int, "ambient_timestep": int, "repeats": int}
+
+
+def check_source_list(value, where: str) -> list[dict]:
+    """A list of data sources: mappings of SOURCE_KEYS, each value of its key's type; errors name the source."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: expected a list of data sources, each a mapping with train_data_dir or dataset_name "
+                        "(and optionally ambient_timestep, repeats, name, caption_column, ...)")
+    for n, entry in enumerate(value, 1):
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: source {n} is a {type(entry).__name__}, expected a mapping")
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown:
+            raise UserError(f"{where}: source {n}: unknown keys {unknown} (known: {', '.join(SOURCE_KEYS)})")
+        for key, kind in SOURCE_KEYS.items():
+            item = entry.get(key)
+            if item is not None and (not isinstance(item, kind) or isinstance(item, bool)):
+                raise UserError(f"{where}: source {n}: {key} {item!r} is not a valid {kind.__name__} value")
+    return value
+
+
+def source_list_file(text: str) -> list[dict]:
+    """``--data_sources`` on the command line: a YAML or JSON file holding the list (in a --config YAML
+    file the list may also be written inline); both pass :func:`check_source_list`."""
+    return check_source_list(_yaml_file(text, "--data_sources"), f"--data_sources {text}")
+
+
+source_list_file.__name__ = "data sources file"
+
+
 def add_data_source_arguments(parser) -> None:
     """Where the training images and captions come from (training, ``corrupt`` and ``memorization``
     read them alike: :func:`data_source`)."""
@@ -61,7 +105,8 @@ def add_data_source_arguments(parser) -> None:
     g.add_argument("--dataset_config_name", type=str, default=None)
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="Image folder with metadata.jsonl (or .txt captions) or a save_to_disk folder; for training, "
-                        "also a noisy-latent dataset from `sdxl-ambient corrupt`.")
+                        "also a noisy-latent dataset from `sdxl-ambient corrupt`. A metadata column ambient_timestep "
+                        "gives an image its own t_n.")
     g.add_argument("--image_column", type=str, default="image")
     g.add_argument("--caption_column", type=str, default="text")
     g.add_argument("--max_train_samples", type=int, default=None)
@@ -72,6 +117,10 @@ def add_data_source_arguments(parser) -> None:
 def add_data_arguments(parser) -> None:
     """Where the images come from and how each becomes a training example (training and ``corrupt``)."""
     add_data_source_arguments(parser)
+    parser.add_argument("--data_sources", type=source_list_file, default=None,
+                        help="Several data sources, each with its own t_n and repeat count: a YAML/JSON file with a list of "
+                             "mappings (train_data_dir or dataset_name, ambient_timestep, repeats, name, caption_column, "
+                             "image_column, max_train_samples); in a --config file, the list itself.")
     g = parser.add_argument_group("examples")
     g.add_argument("--resolution", type=int, default=1024)
     g.add_argument("--center_crop", action="store_true")
@@ -135,6 +184,38 @@ def _add_objective_arguments(parser) -> None:
                    help="Stop after this many non-finite losses in a row (each one's step is skipped with a warning).")
 
 
+# Flags of diffusers' scripts that contradict the ambient objective: (flag, how it is "on", why it is refused).
+CONTRADICTING_FLAGS = (
+    ("noise_offset", lambda v: v not in (None, 0),
+     "offset noise adds noise shared across each channel, but the ambient loss renoises the observation with the "
+     "isotropic Gaussian noise its own noise was drawn from: Tweedie's formula then no longer gives E[x0 | x_t]"),
+    ("snr_gamma", lambda v: v is not None,
+     "the ambient loss sets its own weight per timestep (--loss_weighting epsilon with --loss_weight_cap), which "
+     "replaces min-SNR weighting"),
+    ("input_perturbation", lambda v: v not in (None, 0),
+     "input perturbation feeds the network x_t made with other noise than the target's, but the ambient target "
+     "E[y | x_t] holds only for x_t renoised from the observation with isotropic Gaussian noise"),
+)
+
+
+def _add_refused_arguments(parser) -> None:
+    """diffusers' and kohya's names for noise and weighting tricks, accepted so that they are refused with a reason."""
+    g = parser.add_argument_group("refused under the ambient objective (accepted only to explain why)")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Refused: the ambient loss assumes isotropic Gaussian noise.")
+    g.add_argument("--snr_gamma", "--min_snr_gamma", dest="snr_gamma", type=float, default=None,
+                   help="Refused: the ambient loss weighting (--loss_weighting, --loss_weight_cap) replaces min-SNR.")
+    g.add_argument("--input_perturbation", "--ip_noise_gamma", dest="input_perturbation", type=float, default=0.0,
+                   help="Refused: the ambient loss assumes x_t renoised from the observation with isotropic Gaussian noise.")
+
+
+def refuse_contradicting_flags(args) -> None:
+    """One line naming the flag and why it contradicts the ambient math, before any model loads."""
+    for flag, given, reason in CONTRADICTING_FLAGS:
+        value = getattr(args, flag)
+        if given(value):
+            raise UserError(f"--{flag} {value} is refused: {reason}")
+
+
 def _add_training_arguments(parser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--cache_dir", type=str, default=None, help="Where the noisy-latent cache goes (default OUTPUT_DIR/latent_cache).")
@@ -144,7 +225,12 @@ def _add_training_arguments(parser) -> None:
     g.add_argument("--finetune", type=str, default="lora", choices=["lora", "full"])
     g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank).")
+    g.add_argument("--use_dora", action="store_true",
+                   help="DoRA (weight-decomposed LoRA, peft): a trained magnitude per output row beside the LoRA update.")
     g.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA adapters on both text encoders.")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Probability that a sample's caption is replaced by the empty prompt (drawn per sample at every "
+                        "step), for classifier-free guidance.")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--num_train_epochs", type=int, default=100)
     g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
@@ -154,7 +240,18 @@ def _add_training_arguments(parser) -> None:
     g.add_argument("--scale_lr", action="store_true")
     g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     g.add_argument("--lr_warmup_steps", type=int, default=500)
-    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--optimizer", type=str, default="adamw", choices=list(OPTIMIZERS),
+                   help="adamw (torch's fused AdamW, or 8-bit with --use_8bit_adam), prodigy (pip install 'sdxl-ambient[prodigy]'; "
+                        "--learning_rate 1.0 multiplies its own step size) or adafactor (fixed learning rate, no first moment).")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install 'sdxl-ambient[bnb]').")
+    g.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="Learning rate of the text encoders' LoRA with --train_text_encoder (default: --learning_rate).")
+    g.add_argument("--prodigy_beta3", type=float, default=None,
+                   help="Prodigy's coefficient for its step-size running averages (default: sqrt(adam_beta2)).")
+    g.add_argument("--prodigy_decouple", type=str_to_bool, default=True, help="Prodigy: AdamW-style decoupled weight decay.")
+    g.add_argument("--prodigy_use_bias_correction", type=str_to_bool, default=True, help="Prodigy: Adam's bias correction.")
+    g.add_argument("--prodigy_safeguard_warmup", type=str_to_bool, default=True,
+                   help="Prodigy: leave the learning rate out of the step-size estimate's denominator during warm-up.")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -189,7 +286,11 @@ def _add_output_arguments(parser) -> None:
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or `latest`.")
     g.add_argument("--validation_prompt", type=str, default=None)
     g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--validation_steps", type=int, default=500,
+                   help="Every N steps: validation images (with --validation_prompt) and the held-out loss (with --validation_split).")
+    g.add_argument("--validation_split", type=split_size, default=None,
+                   help="Hold out noisy examples (a fraction in (0, 1), or a count) for a validation loss: the ambient loss "
+                        "on them at fixed timesteps and noise, logged as validation_loss.")
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--push_to_hub", action="store_true",
                    help="Create the Hub repo at the start (a token and the Hub checked before any model loads), push at the end.")
@@ -215,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_noise_arguments(p)
     _add_objective_arguments(p)
     _add_training_arguments(p)
+    _add_refused_arguments(p)
     _add_output_arguments(p)
     return p
 
@@ -243,21 +345,29 @@ RESUME_RESOLVED_FLAGS = frozenset({
 def input_paths(args) -> list[tuple[str, object]]:
     """The model and data a command reads, as (flag, value): what its output folder must stay apart from."""
     names = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "train_data_dir", "dataset_name")
-    return [(f"--{name}", getattr(args, name, None)) for name in names]
+    paths = [(f"--{name}", getattr(args, name, None)) for name in names]
+    for entry in getattr(args, "data_sources", None) or []:
+        paths += [(f"--data_sources {key}", entry.get(key)) for key in ("train_data_dir", "dataset_name")]
+    return paths
 
 
 # ----------------------------------------------------------------------------- YAML
 
 
-def read_yaml(path: str) -> dict:
-    """A YAML file holding a mapping; errors name the file."""
+def _yaml_file(path: str, flag: str):
+    """The value a YAML (or JSON) file holds; errors name the flag and the file."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"--config {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        return yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{flag} {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML file holding a mapping; errors name the file."""
+    data = _yaml_file(path, "--config") or {}
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values")
     return data
@@ -272,10 +382,14 @@ def _yaml_value(action: argparse.Action, value, where: str):
         return value
     if value is None:
         return action.default
+    if isinstance(value, bool) and action.type is str_to_bool:
+        return value
     if isinstance(value, bool):
         word = "yes" if value else "no"
         raise UserError(f"{where}: YAML reads {word} unquoted as the boolean {value}; write it in quotes (\"{word}\") "
                         f"if you mean the word")
+    if isinstance(value, list) and action.type is source_list_file:
+        return check_source_list(value, where)
     if isinstance(value, (list, dict)):
         raise UserError(f"{where}: expected one value, got a YAML {type(value).__name__}")
     text = value if isinstance(value, str) else str(value)
@@ -301,9 +415,11 @@ def yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> d
 def _prefer_command_line_source(args, file_values: dict, argv: list[str]) -> None:
     """A data source given on the command line replaces the other kind set in the YAML file."""
     given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-    for flag, other in (("train_data_dir", "dataset_name"), ("dataset_name", "train_data_dir")):
-        if flag in given and other not in given and other in file_values:
-            setattr(args, other, None)
+    kinds = ("train_data_dir", "dataset_name", "data_sources")
+    for flag in kinds:
+        for other in kinds:
+            if flag != other and flag in given and other not in given and other in file_values:
+                setattr(args, other, None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -338,28 +454,55 @@ def check_flags(args: argparse.Namespace) -> None:
                         "set HF_TOKEN in the environment or run `hf auth login`")
     if not args.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required")
+    refuse_contradicting_flags(args)
     _at_least(args, 1, "train_batch_size", "gradient_accumulation_steps", "rank", "max_train_steps", "num_train_epochs",
               "checkpointing_steps", "validation_steps", "logging_steps", "max_nonfinite_steps", "checkpoints_total_limit",
               "num_validation_images", "validation_inference_steps")
     _at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate {args.learning_rate} must be > 0")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise UserError(f"--proportion_empty_prompts {args.proportion_empty_prompts} must be in [0, 1]")
+    if args.data_sources and (args.train_data_dir or args.dataset_name):
+        raise UserError("--data_sources lists every source: give it or --train_data_dir / --dataset_name, not both")
+    if args.use_dora and args.finetune != "lora":
+        raise UserError("--use_dora is a form of LoRA: it goes with --finetune lora")
     if args.finetune == "full" and args.train_text_encoder:
         raise UserError("--train_text_encoder trains LoRA adapters on the text encoders and goes with --finetune lora")
     if args.push_checkpoints_to_hub and not args.push_to_hub:
         raise UserError("--push_checkpoints_to_hub needs --push_to_hub (and --hub_model_id or the output folder's name)")
     if args.push_training_state and not args.push_checkpoints_to_hub:
         raise UserError("--push_training_state goes with --push_checkpoints_to_hub")
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise UserError("--text_encoder_lr sets the text encoders' learning rate: it goes with --train_text_encoder")
 
 
 # ----------------------------------------------------------------------------- settings per concern
 
 
-def data_source(args) -> DataSource:
-    return DataSource(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-                      dataset_config_name=args.dataset_config_name, image_column=args.image_column,
-                      caption_column=args.caption_column, max_train_samples=args.max_train_samples,
-                      skip_broken_images=args.skip_broken_images, allow_empty_captions=args.allow_empty_captions)
+def data_source(args, **entry) -> DataSource:
+    """The one --train_data_dir / --dataset_name source, or (``entry``) one of --data_sources over the flags' values."""
+    common = dict(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
+                  dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+                  caption_column=args.caption_column, max_train_samples=args.max_train_samples,
+                  skip_broken_images=args.skip_broken_images, allow_empty_captions=args.allow_empty_captions)
+    if entry:
+        common.update(train_data_dir=None, dataset_name=None, dataset_config_name=None)
+    return DataSource(**{**common, **{k: v for k, v in entry.items() if v is not None}})
+
+
+def data_sources(args) -> tuple[DataSource, ...]:
+    """--data_sources (each entry's keys over the flags' values), or the one --train_data_dir / --dataset_name."""
+    if not getattr(args, "data_sources", None):
+        return (data_source(args),)
+    sources = []
+    for n, entry in enumerate(args.data_sources, 1):
+        try:
+            sources.append(data_source(args, **entry))
+        except UserError as err:
+            raise UserError(f"--data_sources: source {n}: {err}") from None
+    check_source_names(sources)
+    return tuple(sources)
 
 
 def data_config(args) -> DataConfig:
@@ -380,6 +523,14 @@ def objective_settings(args) -> ObjectiveSettings:
                              consistency_start_step=args.consistency_start_step)
 
 
+def optimizer_settings(args) -> OptimizerSettings:
+    return OptimizerSettings(name=args.optimizer, text_encoder_lr=args.text_encoder_lr, use_8bit_adam=args.use_8bit_adam,
+                             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                             eps=args.adam_epsilon, prodigy_beta3=args.prodigy_beta3, prodigy_decouple=args.prodigy_decouple,
+                             prodigy_use_bias_correction=args.prodigy_use_bias_correction,
+                             prodigy_safeguard_warmup=args.prodigy_safeguard_warmup)
+
+
 def validation_settings(args) -> ValidationSettings | None:
     if not args.validation_prompt:
         return None
@@ -388,24 +539,36 @@ def validation_settings(args) -> ValidationSettings | None:
                               resolution=args.resolution)
 
 
+def held_out_settings(args) -> HeldOutSettings | None:
+    return None if args.validation_split is None else HeldOutSettings(args.validation_split, args.validation_steps)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run's configuration: the flags as given (never changed afterwards) and the typed
     settings of each concern built from them."""
 
     flags: argparse.Namespace
-    source: DataSource
+    sources: tuple[DataSource, ...]
     data: DataConfig
     cache: CacheSettings
     objective: ObjectiveSettings
+    optimizer: OptimizerSettings
     validation: ValidationSettings | None
+    held_out: HeldOutSettings | None = None
 
 
 def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse and check every flag; nothing is read beyond the YAML file and nothing is written."""
     args = parse_args(argv)
     objective = objective_settings(args)
-    if args.ambient_timestep is not None:
+    sources = data_sources(args)
+    for level in [s.ambient_timestep for s in sources if s.ambient_timestep is not None]:
+        check_ambient_timestep(level)  # the levels known before any data is read lie on the schedule
+    if args.ambient_timestep is not None and not args.data_sources:  # the one source's level (unless its metadata has others)
         objective.check_timestep(args.ambient_timestep)
-    return TrainConfig(flags=args, source=data_source(args), data=data_config(args), cache=cache_settings(args),
-                       objective=objective, validation=validation_settings(args))
+    elif args.ambient_timestep is not None:
+        check_ambient_timestep(args.ambient_timestep)
+    return TrainConfig(flags=args, sources=sources, data=data_config(args), cache=cache_settings(args),
+                       objective=objective, optimizer=optimizer_settings(args), validation=validation_settings(args),
+                       held_out=held_out_settings(args))

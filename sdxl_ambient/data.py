@@ -42,7 +42,13 @@ VAE_FACTOR = 8
 @dataclass(frozen=True)
 class DataSource:
     """Where the training images and captions come from: an image folder (``metadata.jsonl`` or
-    kohya ``.txt`` captions, or a ``save_to_disk`` folder) or a Hub dataset, and how to read it."""
+    kohya ``.txt`` captions, or a ``save_to_disk`` folder) or a Hub dataset, and how to read it.
+
+    One entry of ``--data_sources`` (or the one source of ``--train_data_dir`` / ``--dataset_name``):
+    ``ambient_timestep`` is this source's noise level t_n (None: the run's ``--ambient_timestep``; an
+    ``ambient_timestep`` column of the metadata overrides it per image), ``repeats`` how many times
+    each of its examples is seen per epoch, ``name`` how logs, the model card and the examples' keys
+    name it (default: the folder's or dataset's name)."""
 
     train_data_dir: str | None = None
     dataset_name: str | None = None
@@ -52,6 +58,9 @@ class DataSource:
     max_train_samples: int | None = None
     skip_broken_images: bool = False
     allow_empty_captions: bool = False
+    ambient_timestep: int | None = None
+    repeats: int = 1
+    name: str | None = None
 
     def __post_init__(self):
         if not self.dataset_name and not self.train_data_dir:
@@ -60,6 +69,17 @@ class DataSource:
             raise UserError("--dataset_name and --train_data_dir contradict each other: give one")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserError(f"--max_train_samples {self.max_train_samples} must be >= 1")
+        if self.ambient_timestep is not None and self.ambient_timestep < 0:
+            raise UserError(f"ambient_timestep {self.ambient_timestep} of {self.label} must be >= 0")
+        if self.repeats < 1:
+            raise UserError(f"repeats {self.repeats} of {self.label} must be >= 1")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise UserError(f"the data source name {self.name!r} must be non-empty and hold no '/'")
+
+    @property
+    def label(self) -> str:
+        """How logs, the model card and (with several sources) the examples' keys name this source."""
+        return self.name or self.origin
 
     @property
     def origin(self) -> str:
@@ -79,6 +99,7 @@ class ImageRecord:
     source: Any
     fingerprint: dict = field(default_factory=dict)
     original_size: tuple[int, int] | None = None  # (h, w) after EXIF orientation; set by check_images
+    ambient_timestep: int | None = None  # its own t_n (a metadata column, or its source's); None: the run's
 
     @property
     def name(self) -> str:
@@ -114,6 +135,19 @@ def _metadata_rows(path: Path) -> list[Any]:
         return list(csv.DictReader(f))
 
 
+TIMESTEP_COLUMN = "ambient_timestep"
+
+
+def row_timestep(value, where: str) -> int | None:
+    """An example's ``ambient_timestep`` cell: a whole number >= 0 (0 = clean), or None when empty."""
+    if value is None or value == "":
+        return None
+    whole = (isinstance(value, int) and value >= 0) or (isinstance(value, str) and value.strip().isdigit())
+    if isinstance(value, bool) or not whole:
+        raise UserError(f"{where}: {TIMESTEP_COLUMN} {value!r} must be a whole number >= 0 (0 = clean)")
+    return int(value)
+
+
 def read_metadata(folder: str | os.PathLike, caption_column: str = "text") -> list[dict] | None:
     """The rows of an image folder's ``metadata.jsonl`` (or ``.csv``), each checked to be an object
     with a ``file_name`` of an existing file and the caption column; None when the folder has none."""
@@ -133,6 +167,7 @@ def read_metadata(folder: str | os.PathLike, caption_column: str = "text") -> li
             raise UserError(f"{where}: --caption_column {caption_column!r} is not one of its keys {sorted(row)}")
         if not (folder / row["file_name"]).is_file():
             raise UserError(f"{where}: lists {row['file_name']!r}, which is not in the folder")
+        row[TIMESTEP_COLUMN] = row_timestep(row.get(TIMESTEP_COLUMN), where)
     return rows
 
 
@@ -152,7 +187,8 @@ def folder_records(folder: str | os.PathLike, caption_column: str = "text") -> l
         for row in rows:
             path = folder / row["file_name"]
             caption = row[caption_column]
-            records.append(ImageRecord(row["file_name"], "" if caption is None else str(caption), path, _file_fingerprint(path)))
+            records.append(ImageRecord(row["file_name"], "" if caption is None else str(caption), path, _file_fingerprint(path),
+                                       ambient_timestep=row[TIMESTEP_COLUMN]))
     else:
         for path in sorted(p for p in folder.rglob("*") if is_image_file(p)):
             caption_file = next((c for c in (path.with_suffix(e) for e in CAPTION_EXTENSIONS) if c.exists()), None)
@@ -189,7 +225,8 @@ def dataset_records(dataset, image_column: str, caption_column: str, name: str) 
     for i, row in enumerate(dataset):
         source, fingerprint = _row_image(row[image_column], i)
         caption = row[caption_column]
-        records.append(ImageRecord(str(i), "" if caption is None else str(caption), source, fingerprint))
+        level = row_timestep(row.get(TIMESTEP_COLUMN), f"dataset {name}, row {i}")
+        records.append(ImageRecord(str(i), "" if caption is None else str(caption), source, fingerprint, ambient_timestep=level))
     return records
 
 
@@ -404,10 +441,31 @@ class TrainingImages:
     upscaled: list[str] = field(default_factory=list)
 
 
-def load_training_images(source: DataSource, config: DataConfig) -> TrainingImages:
-    """Records from the source, every image decoded once and every caption checked up-front."""
-    records = collect_records(source)
-    records, skipped = check_images(records, source.skip_broken_images)
-    check_captions(records, source.allow_empty_captions)
+def check_source_names(sources: list[DataSource]) -> None:
+    """Several sources need different names: the names prefix their examples' keys."""
+    labels = [s.label for s in sources]
+    if len(set(labels)) < len(labels):
+        raise UserError(f"two data sources are both named {next(n for n in labels if labels.count(n) > 1)!r}: "
+                        "give each its own name")
+
+
+def load_training_images(sources: DataSource | list[DataSource], config: DataConfig,
+                         prefix_keys: bool | None = None) -> TrainingImages:
+    """Records from one or several sources, every image decoded once and every caption checked
+    up-front. Each record carries its own t_n (its metadata's, else its source's; None: the run's).
+    With several sources (``prefix_keys``, default: more than one given) each key is prefixed by its
+    source's name, so keys stay unique."""
+    sources = [sources] if isinstance(sources, DataSource) else list(sources)
+    prefix_keys = len(sources) > 1 if prefix_keys is None else prefix_keys
+    check_source_names(sources)
+    records, skipped = [], []
+    for source in sources:
+        prefix = f"{source.label}/" if prefix_keys else ""
+        kept, lost = check_images(collect_records(source), source.skip_broken_images)
+        check_captions(kept, source.allow_empty_captions)
+        level = source.ambient_timestep
+        records += [replace(r, key=prefix + r.key, ambient_timestep=level if r.ambient_timestep is None else r.ambient_timestep)
+                    for r in kept]
+        skipped += [prefix + k for k in lost]
     upscaled = warn_small_images(records, config)
-    return TrainingImages(records, config, source.origin, skipped, upscaled)
+    return TrainingImages(records, config, "+".join(s.origin for s in sources), skipped, upscaled)

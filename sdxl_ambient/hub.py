@@ -126,20 +126,41 @@ def _ambient_section(settings: dict) -> str:
             "with the double Tweedie objective; for t < t_n a consistency loss ties its predictions to its "
             f"own sampler ([Consistent Diffusion Meets Tweedie]({PAPER}), Daras, Dimakis, Daskalakis, ICML 2024)."
         )
+    sources = settings.get("data_sources") or []
+    levels = {str(k) for src in sources for k in (src["ambient_timestep"] if isinstance(src["ambient_timestep"], dict)
+                                                  else [src["ambient_timestep"]])}
+    if len(levels) > 1:
+        head = (f"The training data mixed noise levels (t_n = {', '.join(sorted(levels, key=int))}; 0 = clean): each "
+                "example's loss was the double Tweedie objective above its own t_n (the plain denoising loss for a "
+                "clean one), and the consistency loss applied to the noisy ones only "
+                f"([Consistent Diffusion Meets Tweedie]({PAPER}), Daras, Dimakis, Daskalakis, ICML 2024).")
     ambient = {k: v for k, v in settings.items()
                if k.startswith(("ambient", "consistency")) or "weighting" in k or "tweedie" in k}
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in ambient.items())
-    return f"## Ambient training\n\n{head}\n\n| setting | value |\n|---|---|\n{rows}\n"
+    section = f"## Ambient training\n\n{head}\n\n| setting | value |\n|---|---|\n{rows}\n"
+    if sources:
+        table = "\n".join(f"| {src['name']} | {src['examples']} | {src['repeats']} | "
+                          + (", ".join(f"{k}: {n}" for k, n in src["ambient_timestep"].items())
+                             if isinstance(src["ambient_timestep"], dict) else f"{src['ambient_timestep']}") + " |"
+                          for src in sources)
+        section += f"\n### Data sources\n\n| source | examples | repeats | t_n (0 = clean) |\n|---|---|---|---|\n{table}\n"
+        if settings.get("held_out_examples"):
+            section += (f"\n{settings['held_out_examples']} noisy examples were held out for the validation loss "
+                        "(not trained on).\n")
+    return section
 
 
-def _usage(repo_id: str, base_model: str, finetune: str) -> str:
+def _usage(repo_id: str, base_model: str, finetune: str, dora: bool = False) -> str:
     if finetune == "lora":
+        other_tools = (f"For ComfyUI use `{LORA_FILES[1]}` (kohya key names, DoRA as ComfyUI's `dora_scale`); put it in "
+                       "`models/loras`. Automatic1111 and kohya's scripts read DoRA in another form: use diffusers there.\n"
+                       if dora else
+                       f"For ComfyUI, Automatic1111/Forge and kohya tools use `{LORA_FILES[1]}` (kohya key names, "
+                       "original SDXL UNet block names); put it in `models/loras`.\n")
         return (
             "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionXLPipeline\n\n"
             f"pipe = StableDiffusionXLPipeline.from_pretrained({base_model!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
-            f"pipe.load_lora_weights({repo_id!r})\nimage = pipe(\"your prompt\").images[0]\n```\n\n"
-            f"For ComfyUI, Automatic1111/Forge and kohya tools use `{LORA_FILES[1]}` (kohya key names, "
-            "original SDXL UNet block names); put it in `models/loras`.\n"
+            f"pipe.load_lora_weights({repo_id!r})\nimage = pipe(\"your prompt\").images[0]\n```\n\n" + other_tools
         )
     return (
         "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionXLPipeline\n\n"
@@ -177,7 +198,7 @@ def model_card(*, repo_id: str, base_model: str, settings: dict, finetune: str, 
         f"\n# {repo_id}\n",
         f"Stable Diffusion XL {kind} of `{base_model}`, trained with sdxl-ambient on noisy data.\n",
         _ambient_section(settings),
-        _usage(repo_id, base_model, finetune),
+        _usage(repo_id, base_model, finetune, dora=bool(settings.get("use_dora"))),
     ]
     if images:
         gallery = "\n".join(f"![sample {i}]({p})" for i, p in enumerate(images))

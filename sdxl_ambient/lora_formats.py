@@ -18,6 +18,17 @@ write LDM names: the one spelling that every SDXL LoRA consumer reads, diffusers
 (``_maybe_map_sgm_blocks_to_diffusers``). The text encoders keep their transformers paths
 (``text_model.encoder.layers.N.self_attn.q_proj``), the spelling kohya and ComfyUI (``LORA_CLIP_MAP``) use.
 
+DoRA (peft's ``use_dora``): peft keeps a magnitude vector m per adapted layer and merges
+``W' = m / ||W0 + dW||_row * (W0 + dW)`` (``dW = (alpha / r) up @ down``, the norm of each output row).
+ComfyUI reads DoRA as ``NAME.dora_scale`` beside the LoRA tensors (``comfy/lora.py`` ``load_lora``) and
+applies it in ``comfy/weight_adapter/base.py`` ``weight_decompose``: a ``dora_scale`` whose first
+dimension is the output dimension gives ``W' = (W0 + dW) * dora_scale / (||W0||_row + eps)``, divided by
+the row norms of the *base* weight (checked at ComfyUI commit 9c0cf36, where the patch is computed in
+float32). So the kohya copy carries ``dora_scale = m (||W0||_row + eps) / ||W0 + dW||_row``, shaped
+(out, 1, ...), which ComfyUI turns into exactly peft's merged weight (for the base model it was trained
+on). diffusers, LyCORIS and peft read an output-axis ``dora_scale`` as m itself, and Automatic1111 reads
+only the input-axis form: for them the diffusers-format file is the one to load.
+
 The LDM index arithmetic for a UNet with ``L = layers_per_block``:
 
     down_blocks.b.{resnets,attentions}.j  -> input_blocks.(1 + b(L+1) + j).{0,1}
@@ -65,6 +76,9 @@ _DIFFUSERS_KEY = re.compile(
     r"(?P<part>lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
 )
 _DOWN_PARTS = ("lora.down", "lora_linear_layer.down", "lora_A")
+# peft's DoRA magnitude: "<component>.<module path>.lora_magnitude_vector[.weight]".
+_MAGNITUDE_KEY = re.compile(r"^(?P<component>unet|text_encoder|text_encoder_2)\.(?P<module>.+?)\.lora_magnitude_vector(\.weight)?$")
+COMFYUI_DORA_EPS = torch.finfo(torch.float32).eps  # ComfyUI adds finfo(dtype).eps of the float32 patch to the norms
 
 
 def _layout(unet_config) -> tuple[int, tuple[str, ...]]:
@@ -134,31 +148,58 @@ def _alpha_for(alpha: float | Mapping[str, float], component: str) -> float:
     return float(alpha)
 
 
+def comfyui_dora_scale(magnitude: torch.Tensor, base_weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The ``dora_scale`` with which ComfyUI's ``weight_decompose`` rebuilds peft's DoRA weight
+    ``m / ||W0 + dW||_row * (W0 + dW)`` (see the module docstring), shaped (out, 1, ...)."""
+    out_dim = base_weight.shape[0]
+    w0 = base_weight.detach().float().reshape(out_dim, -1)
+    merged = w0 + delta.detach().float().reshape(out_dim, -1)
+    scale = magnitude.detach().float().reshape(-1) * (w0.norm(dim=1) + COMFYUI_DORA_EPS) / merged.norm(dim=1)
+    return scale.reshape(out_dim, *[1] * (base_weight.ndim - 1)).contiguous()
+
+
+def _kohya_name(component: str, module: str, unet_config) -> str:
+    path = unet_module_to_ldm(module, unet_config) if component == "unet" else text_encoder_module_path(module)
+    return KOHYA_PREFIXES[component] + path.replace(".", "_")
+
+
 def diffusers_to_kohya(
     state_dict: Mapping[str, torch.Tensor],
     alpha: float | Mapping[str, float],
     unet_config=None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Convert a diffusers-format SDXL LoRA state dict to kohya/ComfyUI keys with LDM UNet names.
 
     ``state_dict`` has ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` keys as written by
     ``StableDiffusionXLPipeline.save_lora_weights``; ``alpha`` is the peft ``lora_alpha`` (one number,
     or one per component name). ``unet_config`` gives the block layout (SDXL-base when None).
-    The weights are the same tensors: kohya's ``alpha / r`` equals peft's ``lora_alpha / r``."""
+    The weights are the same tensors: kohya's ``alpha / r`` equals peft's ``lora_alpha / r``.
+    A DoRA magnitude (``lora_magnitude_vector``) becomes ComfyUI's ``dora_scale``, which needs the
+    adapted layer's base weight: ``base_weights`` maps ``"<component>.<module path>"`` to it."""
     out: dict[str, torch.Tensor] = {}
+    magnitudes = {}
     for key, tensor in state_dict.items():
+        dora = _MAGNITUDE_KEY.match(key)
+        if dora is not None:
+            magnitudes[(dora["component"], dora["module"])] = tensor
+            continue
         match = _DIFFUSERS_KEY.match(key)
         if match is None:
             raise ValueError(f"not a diffusers-format SDXL LoRA key: {key!r}")
         component, module, part = match["component"], match["module"], match["part"]
-        if component == "unet":
-            path = unet_module_to_ldm(module, unet_config)
-        else:
-            path = text_encoder_module_path(module)
-        name = KOHYA_PREFIXES[component] + path.replace(".", "_")
+        name = _kohya_name(component, module, unet_config)
         suffix = "lora_down" if part in _DOWN_PARTS else "lora_up"
         if f"{name}.{suffix}.weight" in out:
             raise ValueError(f"two LoRA tensors map to {name}.{suffix}.weight")
         out[f"{name}.{suffix}.weight"] = tensor.detach().contiguous()
         out[f"{name}.alpha"] = torch.tensor(_alpha_for(alpha, component), dtype=torch.float32)
+    for (component, module), magnitude in magnitudes.items():
+        name = _kohya_name(component, module, unet_config)
+        base = (base_weights or {}).get(f"{component}.{module}")
+        if base is None or f"{name}.lora_up.weight" not in out:
+            raise ValueError(f"DoRA magnitude of {component}.{module} needs its base weight and its LoRA tensors")
+        up, down = out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"]
+        delta = (_alpha_for(alpha, component) / down.shape[0]) * (up.float().flatten(1) @ down.float().flatten(1))
+        out[f"{name}.dora_scale"] = comfyui_dora_scale(magnitude, base, delta).to(magnitude.dtype)
     return out

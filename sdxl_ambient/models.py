@@ -186,7 +186,8 @@ def load_components(
 # ----------------------------------------------------------------------------- LoRA set-up
 
 
-def _add_lora(model, rank: int, alpha: float | None, dropout: float, target_modules: Iterable[str]) -> list[torch.nn.Parameter]:
+def _add_lora(model, rank: int, alpha: float | None, dropout: float, target_modules: Iterable[str],
+              use_dora: bool = False) -> list[torch.nn.Parameter]:
     from peft import LoraConfig
 
     config = LoraConfig(
@@ -195,23 +196,27 @@ def _add_lora(model, rank: int, alpha: float | None, dropout: float, target_modu
         lora_dropout=dropout,
         init_lora_weights="gaussian",
         target_modules=list(target_modules),
+        use_dora=use_dora,
     )
     model.add_adapter(config)
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
 
 def add_unet_lora(unet, rank: int, alpha: float | None = None, dropout: float = 0.0,
-                  target_modules: Iterable[str] = UNET_ATTENTION_TARGETS) -> list[torch.nn.Parameter]:
+                  target_modules: Iterable[str] = UNET_ATTENTION_TARGETS, use_dora: bool = False) -> list[torch.nn.Parameter]:
     """Add a peft LoRA adapter to the UNet attention projections; returns its trainable parameters.
 
-    ``W' = W + (alpha / rank) B A``; alpha defaults to rank (scale 1), as in diffusers' scripts."""
-    return _add_lora(unet, rank, alpha, dropout, target_modules)
+    ``W' = W + (alpha / rank) B A``; alpha defaults to rank (scale 1), as in diffusers' scripts. With
+    ``use_dora`` it is peft's DoRA: ``W' = m / ||W + (alpha / rank) B A||_row * (W + (alpha / rank) B A)``,
+    the magnitude m trained too."""
+    return _add_lora(unet, rank, alpha, dropout, target_modules, use_dora)
 
 
 def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None,
-                          target_modules: Iterable[str] = TEXT_ENCODER_ATTENTION_TARGETS) -> list[torch.nn.Parameter]:
-    """Add a peft LoRA adapter to a CLIP text encoder's attention projections; returns its parameters."""
-    return _add_lora(text_encoder, rank, alpha, 0.0, target_modules)
+                          target_modules: Iterable[str] = TEXT_ENCODER_ATTENTION_TARGETS,
+                          use_dora: bool = False) -> list[torch.nn.Parameter]:
+    """Add a peft LoRA (or DoRA) adapter to a CLIP text encoder's attention projections; returns its parameters."""
+    return _add_lora(text_encoder, rank, alpha, 0.0, target_modules, use_dora)
 
 
 def cast_training_params(models, dtype: torch.dtype = torch.float32) -> None:
@@ -238,9 +243,20 @@ def _diffusers_lora_layers(model, component: str) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
-    if component != "unet":
-        state = {text_encoder_module_path(k): v for k, v in state.items()}
+    if component != "unet":  # diffusers' text-encoder loader finds a DoRA magnitude only under its parameter name
+        state = {text_encoder_module_path(k) + (".weight" if k.endswith(".lora_magnitude_vector") else ""): v
+                 for k, v in state.items()}
     return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _dora_base_weights(model, component: str) -> dict[str, torch.Tensor]:
+    """``"<component>.<module path>"`` -> base weight of each DoRA layer (the kohya copy's ``dora_scale`` needs it)."""
+    out = {}
+    for name, module in model.named_modules():
+        if getattr(module, "lora_magnitude_vector", None):  # a peft LoRA layer with a DoRA magnitude
+            path = name if component == "unet" else text_encoder_module_path(name)
+            out[f"{component}.{path}"] = module.get_base_layer().weight.detach()
+    return out
 
 
 def save_lora(output_dir, unet=None, text_encoder=None, text_encoder_2=None,
@@ -273,13 +289,16 @@ def save_lora(output_dir, unet=None, text_encoder=None, text_encoder_2=None,
     )
     prefixed = {f"{k}.{name}": t for k, layer in layers.items() for name, t in layer.items()}
     unet_config = unet.config if unet is not None else None
-    kohya = diffusers_to_kohya(prefixed, {k: _lora_alpha(m) for k, m in models.items()}, unet_config=unet_config)
+    base_weights = {key: w for k, m in models.items() for key, w in _dora_base_weights(m, k).items()}
+    kohya = diffusers_to_kohya(prefixed, {k: _lora_alpha(m) for k, m in models.items()}, unet_config=unet_config,
+                               base_weights=base_weights)
     header = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if base_weights else "networks.lora",
         "ss_network_dim": str(first.r),
         "ss_network_alpha": str(float(first.lora_alpha)),
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_network_train_unet_only": str(text_encoder is None and text_encoder_2 is None),
+        **({"ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_out": "True"})} if base_weights else {}),
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
     save_file(kohya, str(output_dir / KOHYA_WEIGHT_NAME), metadata=header)
@@ -308,7 +327,7 @@ def _set_lora(model, state: dict[str, torch.Tensor], component: str, path: Path)
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    if not all(".lora_A." in k or ".lora_B." in k for k in state):  # diffusers' older spellings
+    if not all(".lora_A." in k or ".lora_B." in k or ".lora_magnitude_vector" in k for k in state):  # older spellings
         state = convert_unet_state_dict_to_peft(state) if component == "unet" else convert_state_dict_to_peft(state)
     if component != "unet":
         if not hasattr(model, "text_model"):  # flattened CLIPTextModel (transformers 5)

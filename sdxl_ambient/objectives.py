@@ -63,13 +63,22 @@ def observation_abar(alphas_cumprod: torch.Tensor, observed_timesteps: torch.Ten
 
 
 def draw_timesteps(observed_timesteps: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None,
-                   window: int | None = None) -> torch.Tensor:
+                   window: int | torch.Tensor | None = None) -> torch.Tensor:
     """Draw t ~ U{t_n, ..., T-1} independently for each sample (T = num_train_timesteps);
-    with ``window``, t ~ U{t_n, ..., min(t_n + window, T) - 1}."""
+    with ``window`` (an int, or one per sample), t ~ U{t_n, ..., min(t_n + window, T) - 1}."""
     t_n = observed_timesteps.long()
     u = torch.rand(t_n.shape, generator=generator, device=t_n.device if generator is None else generator.device)
     span = num_train_timesteps - t_n if window is None else (num_train_timesteps - t_n).clamp(max=window)
     t = t_n + (u.to(t_n.device) * span).long()
+    return t.clamp(max=num_train_timesteps - 1)
+
+
+def fixed_timesteps(observed_timesteps: torch.Tensor, num_train_timesteps: int, count: int) -> torch.Tensor:
+    """``count`` fixed timesteps per sample, (count, B): the midpoints of ``count`` equal strata of
+    {t_n, ..., T-1}, so their mean estimates the expectation over t ~ U{t_n, ..., T-1} with no draw."""
+    t_n = observed_timesteps.long()
+    strata = (torch.arange(count, device=t_n.device, dtype=torch.float64) + 0.5) / count
+    t = t_n[None] + (strata[:, None] * (num_train_timesteps - t_n)[None].double()).long()
     return t.clamp(max=num_train_timesteps - 1)
 
 
@@ -200,6 +209,17 @@ def posterior_step(x0_pred, sample, timesteps, prev_timesteps, noise, alphas_cum
     return (mean + var.sqrt() * noise.to(dtype)).to(sample.dtype)
 
 
+def draw_delta(batch: int, max_delta, min_delta: int = 1, generator=None, device=None) -> torch.Tensor:
+    """The chains' lengths delta ~ U{min_delta, ..., max_delta}, per sample; ``max_delta`` an int or
+    a per-sample (B,) tensor (e.g. each sample's own t_n)."""
+    gen_device = generator.device if generator is not None else device
+    if isinstance(max_delta, torch.Tensor):
+        u = torch.rand((batch,), generator=generator, device=gen_device).to(device)
+        span = max_delta.to(device).long() - min_delta + 1
+        return min_delta + (u * span).long().clamp(max=span - 1)
+    return torch.randint(min_delta, max_delta + 1, (batch,), generator=generator, device=gen_device).to(device)
+
+
 def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, anchor_x0=None,
                      num_steps=1, min_delta=1, max_delta=100, weight=1.0,
                      anchor_grad=True, chain_grad=False, generator=None, delta=None, chain_noise=None):
@@ -223,12 +243,13 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     random draws, made here from ``generator`` in that order when not given; given, the loss is a
     deterministic function of its inputs (what a compiled step needs: no generator inside).
 
-    ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
+    ``max_delta`` is an int or a per-sample (B,) tensor. ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
     term helps only where it reaches below t_n: weight = w * (t < t_n + max_delta) with
     anchor_grad=False sampled closer to the clean data, while a constant weight on every t
     pulled the well-trained anchors at large t off and sampled worse than no term at all.
     """
-    if num_steps < 1 or not 1 <= min_delta <= max_delta:
+    smallest = int(max_delta.min()) if isinstance(max_delta, torch.Tensor) else max_delta
+    if num_steps < 1 or not 1 <= min_delta <= smallest:
         raise ValueError(f"need num_steps >= 1 and 1 <= min_delta <= max_delta, got {num_steps}, {min_delta}, {max_delta}")
     b = sample.shape[0]
     device = sample.device
@@ -239,7 +260,7 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     anchor = anchor_x0 if anchor_grad else anchor_x0.detach()
 
     if delta is None:
-        delta = torch.randint(min_delta, max_delta + 1, (b,), generator=generator, device=gen_device).to(device)
+        delta = draw_delta(b, max_delta, min_delta, generator=generator, device=device)
     t = timesteps.long()
     s = (t - delta).clamp(min=0)
     t2, s2 = t.repeat(2), s.repeat(2)

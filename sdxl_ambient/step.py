@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from sdxl_ambient.objectives import (
     ambient_tweedie_loss,
     check_ambient_timestep,
     consistency_loss,
+    draw_delta,
     draw_timesteps,
     renoise,
     x0_from_model_output,
@@ -77,7 +78,9 @@ class AmbientObjective:
     The consistency term draws its own t_c ~ U{t_n, ..., t_n + max_delta - 1} (x_tc renoised from
     the same observation), so its chains of length delta <= max_delta reach below t_n, where the
     model has no data; the anchor h(x_tc, t_c) and the chains carry no gradient, the two final
-    predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term. On the
+    predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term (weight 0), so a
+    clean example's loss is exactly the plain epsilon loss. ``consistency_max_delta`` None is each
+    sample's own t_n (a batch may mix noise levels). On the
     2-D toy (docs/toy_results.md) this restricted form helped reliably, while applying the term at
     every t with a trained anchor was slower and at times worse than no term."""
 
@@ -87,7 +90,7 @@ class AmbientObjective:
     weight_cap: float = DEFAULT_WEIGHT_CAP
     consistency_weight: float = 0.0
     consistency_steps: int = 1
-    consistency_max_delta: int = 100
+    consistency_max_delta: int | None = 100  # None: each sample's own t_n
     num_train_timesteps: int = 1000
 
     def __call__(self, net: Net, observed, observed_timesteps, *, generator=None, use_consistency=True):
@@ -105,11 +108,11 @@ class AmbientObjective:
     def _consistency_draws(self, observed, observed_timesteps, generator):
         """(t_c, noise of x_tc, delta, chain noise per step), in the order ``consistency_loss`` draws them."""
         gen_device = generator.device if generator is not None else observed.device
-        t_c = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator,
-                             window=self.consistency_max_delta)
+        max_delta = self.max_delta(observed_timesteps)
+        t_c = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator, window=max_delta)
         noise_c = torch.randn(observed.shape, generator=generator, device=observed.device, dtype=torch.float32)
         b = observed.shape[0]
-        delta = torch.randint(1, self.consistency_max_delta + 1, (b,), generator=generator, device=gen_device)
+        delta = draw_delta(b, max_delta, generator=generator, device=observed.device)
         chain_shape = (2 * b, *observed.shape[1:])
         chain = tuple(torch.randn(chain_shape, generator=generator, device=gen_device, dtype=torch.float32).to(observed.device)
                       for _ in range(self.consistency_steps))
@@ -119,16 +122,29 @@ class AmbientObjective:
         """The per-sample losses of a step from its ``draws``; the consistency term when they hold its draws."""
         abar = self.alphas_cumprod.to(observed.device)
         y = observed.float()
-        x_t = renoise(y, observed_timesteps, draws.timesteps, draws.noise, abar)
-        out = net(x_t, draws.timesteps)
-        ambient = ambient_tweedie_loss(out, x_t, y, draws.timesteps, observed_timesteps, abar,
-                                       prediction_type=self.prediction_type, weighting=self.weighting,
-                                       weight_cap=self.weight_cap)
+        ambient = self.ambient_loss(net, y, observed_timesteps, draws.timesteps, draws.noise)
         losses = {"ambient": ambient, "loss": ambient}
         if draws.delta is not None:
             losses["consistency"] = cons = self.consistency(net, y, observed_timesteps, abar, draws=draws)
             losses["loss"] = ambient + cons
         return losses
+
+    def ambient_loss(self, net: Net, observed, observed_timesteps, timesteps, noise) -> torch.Tensor:
+        """The ambient loss per sample (B,) at the given timesteps and renoising noise (the held-out
+        validation loss fixes both)."""
+        abar = self.alphas_cumprod.to(observed.device)
+        y = observed.float()
+        x_t = renoise(y, observed_timesteps, timesteps, noise, abar)
+        return ambient_tweedie_loss(net(x_t, timesteps), x_t, y, timesteps, observed_timesteps, abar,
+                                    prediction_type=self.prediction_type, weighting=self.weighting,
+                                    weight_cap=self.weight_cap)
+
+    def max_delta(self, observed_timesteps):
+        """The chains' largest length: the setting, or each sample's own t_n (at least 1; a clean
+        sample's term has weight 0)."""
+        if self.consistency_max_delta is not None:
+            return self.consistency_max_delta
+        return observed_timesteps.long().clamp(min=1)
 
     def consistency(self, net: Net, y, observed_timesteps, abar, generator=None, draws: StepDraws | None = None):
         """The consistency term from x_tc just above t_n (per sample, (B,)); its random numbers from
@@ -141,8 +157,12 @@ class AmbientObjective:
         x_c = renoise(y, observed_timesteps, draws.consistency_timesteps, draws.consistency_noise, abar)
         weight = self.consistency_weight * (observed_timesteps > 0).float()
         return consistency_loss(denoiser, x_c, draws.consistency_timesteps, abar, num_steps=self.consistency_steps,
-                                max_delta=self.consistency_max_delta, weight=weight, anchor_grad=False,
+                                max_delta=self.max_delta(observed_timesteps), weight=weight, anchor_grad=False,
                                 delta=draws.delta, chain_noise=draws.chain_noise)
+
+
+def _levels(levels: int | Iterable[int]) -> list[int]:
+    return [levels] if isinstance(levels, int) else sorted(set(levels))
 
 
 @dataclass(frozen=True)
@@ -154,7 +174,7 @@ class ObjectiveSettings:
     weight_cap: float | None = None  # None: DEFAULT_WEIGHT_CAP
     consistency_weight: float = 0.0
     consistency_steps: int = 1
-    consistency_max_delta: int | None = None  # None: t_n
+    consistency_max_delta: int | None = None  # None: t_n (each example's own when levels differ)
     consistency_start_step: int = 0
 
     def __post_init__(self):
@@ -171,26 +191,39 @@ class ObjectiveSettings:
         if self.consistency_start_step < 0:
             raise UserError(f"--consistency_start_step {self.consistency_start_step} must be >= 0")
 
-    def check_timestep(self, ambient_timestep: int, num_train_timesteps: int = 1000) -> None:
-        """t_n must lie on the schedule, and the consistency term needs noisy data."""
-        check_ambient_timestep(ambient_timestep, num_train_timesteps)
-        if self.consistency_weight > 0 and ambient_timestep == 0:
-            raise UserError("--consistency_weight > 0 needs data with noise (--ambient_timestep > 0): "
-                            "consistency teaches the timesteps below t_n")
+    def check_timestep(self, levels: int | Iterable[int], num_train_timesteps: int = 1000) -> None:
+        """Each t_n must lie on the schedule, and the consistency term needs noisy data."""
+        levels = _levels(levels)
+        for level in levels:
+            check_ambient_timestep(level, num_train_timesteps)
+        if self.consistency_weight > 0 and not any(levels):
+            raise UserError("--consistency_weight > 0 needs data with noise (--ambient_timestep > 0, or noisy data "
+                            "sources): consistency teaches the timesteps below t_n")
 
-    def resolved(self, ambient_timestep: int) -> dict:
+    def max_delta(self, levels: int | Iterable[int]) -> int | None:
+        """The consistency chains' largest t - s: as given, else t_n; None (each example's own t_n) when
+        the noisy examples are at several levels."""
+        if self.consistency_max_delta is not None:
+            return self.consistency_max_delta
+        noisy = [level for level in _levels(levels) if level > 0]
+        if not noisy:
+            return 1
+        return noisy[0] if len(noisy) == 1 else None
+
+    def resolved(self, levels: int | Iterable[int]) -> dict:
         """The values this run trains with, defaults filled in."""
+        max_delta = self.max_delta(levels)
         return {"loss_weighting": self.weighting,
                 "loss_weight_cap": DEFAULT_WEIGHT_CAP if self.weight_cap is None else self.weight_cap,
                 "consistency_weight": self.consistency_weight, "consistency_steps": self.consistency_steps,
-                "consistency_max_delta": self.consistency_max_delta or max(ambient_timestep, 1),
+                "consistency_max_delta": "t_n of each example" if max_delta is None else max_delta,
                 "consistency_start_step": self.consistency_start_step}
 
-    def build(self, ambient_timestep: int, noise_scheduler, device=None) -> AmbientObjective:
-        """The objective for data at t_n on this noise schedule (checked first)."""
+    def build(self, levels: int | Iterable[int], noise_scheduler, device=None) -> AmbientObjective:
+        """The objective for data at these t_n on this noise schedule (checked first)."""
         num_timesteps = noise_scheduler.config.num_train_timesteps
-        self.check_timestep(ambient_timestep, num_timesteps)
-        r = self.resolved(ambient_timestep)
+        self.check_timestep(levels, num_timesteps)
+        r = {**self.resolved(levels), "consistency_max_delta": self.max_delta(levels)}
         return AmbientObjective(
             alphas_cumprod=noise_scheduler.alphas_cumprod.to(device),
             prediction_type=noise_scheduler.config.prediction_type,

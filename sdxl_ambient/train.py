@@ -144,6 +144,20 @@ def place_frozen(flags, components, device, weight_dtype) -> None:
         te.to(device, dtype=weight_dtype)
 
 
+@torch.no_grad()
+def encode_empty_prompt(components, device) -> dict:
+    """The empty prompt as both tokenizers' ids and its SDXL embeddings, encoded once. As in diffusers'
+    scripts, a dropped caption is the empty string through both text encoders, the pooled embedding
+    included (not zeros)."""
+    from sdxl_ambient.text import tokenize
+
+    ids_one, ids_two = tokenize(components.tokenizer, [""]), tokenize(components.tokenizer_2, [""])
+    embeds, pooled = text_embeddings(components.text_encoder, components.text_encoder_2, ids_one, ids_two)
+    # as the cache stores captions' embeddings: float16
+    return {"input_ids_one": ids_one.to(device), "input_ids_two": ids_two.to(device),
+            "prompt_embeds": embeds.to(device, torch.float16), "pooled_prompt_embeds": pooled.to(device, torch.float16)}
+
+
 def setup_trainable(flags, components, device, weight_dtype):
     """Freeze the base model, add what trains (LoRA adapters or the whole UNet); returns the
     trained models (UNet first) and their trainable parameters."""
@@ -155,10 +169,10 @@ def setup_trainable(flags, components, device, weight_dtype):
         unet.to(device, dtype=torch.float32)
     else:
         unet.to(device, dtype=weight_dtype)
-        models.add_unet_lora(unet, rank=flags.rank, alpha=flags.lora_alpha)
+        models.add_unet_lora(unet, rank=flags.rank, alpha=flags.lora_alpha, use_dora=flags.use_dora)
     if flags.train_text_encoder:
         for te in text_encoders:
-            models.add_text_encoder_lora(te, rank=flags.rank, alpha=flags.lora_alpha)
+            models.add_text_encoder_lora(te, rank=flags.rank, alpha=flags.lora_alpha, use_dora=flags.use_dora)
     trained = [unet] + (list(text_encoders) if flags.train_text_encoder else [])
     if weight_dtype != torch.float32:  # frozen weights in half precision, trained ones in fp32
         models.cast_training_params(trained, dtype=torch.float32)
@@ -175,16 +189,12 @@ def setup_trainable(flags, components, device, weight_dtype):
     return trained, [p for m in trained for p in m.parameters() if p.requires_grad]
 
 
-def make_optimizer(flags, params, learning_rate: float):
-    kwargs = dict(lr=learning_rate, betas=(flags.adam_beta1, flags.adam_beta2),
-                  weight_decay=flags.adam_weight_decay, eps=flags.adam_epsilon)
-    if flags.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install 'sdxl-ambient[bnb]'") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=True, **kwargs)  # fused: one kernel, and it can skip a step on device
+def param_groups(trained: list, learning_rate: float, text_encoder_lr: float) -> list[dict]:
+    """The optimizer's parameter groups: the UNet's trainable parameters, then the text encoders' (if they train)."""
+    def trainable(models):
+        return [p for m in models for p in m.parameters() if p.requires_grad]
+
+    return [{"params": trainable(trained[:1]), "lr": learning_rate}, {"params": trainable(trained[1:]), "lr": text_encoder_lr}]
 
 
 class NonFiniteGuard:
@@ -193,7 +203,8 @@ class NonFiniteGuard:
     The fused AdamW reads ``found_inf`` on the device and leaves weights and moments untouched
     when it is set (the mechanism torch's GradScaler uses). The flags are read back every
     ``limit`` steps: each skipped step gets a warning, and ``limit`` in a row stop the run.
-    Optimizers that cannot skip on device (8-bit Adam) are checked every step instead. Where
+    Optimizers that cannot skip on device (8-bit Adam, Prodigy, Adafactor) are checked on the host
+    every step instead and their step is not called. Where
     something else owns the update (``external``: fp16's GradScaler, DeepSpeed), only non-finite
     losses are counted and stopped on. A skipped update still advances the LR schedule and EMA."""
 
@@ -263,31 +274,40 @@ class Resolved:
     """Values computed once at start-up from the flags and what they point to; saved as such."""
 
     seed: int
-    ambient_timestep: int
+    ambient_timestep: int  # the lowest t_n with data (the one t_n when all examples share it)
     learning_rate: float
     objective: dict
+    text_encoder_lr: float | None = None  # when the text encoders train
+    data_sources: list = field(default_factory=list)  # per source: name, examples, repeats, t_n
+    held_out: int = 0  # examples held out for the validation loss
 
     def as_dict(self) -> dict:
-        return {"seed": self.seed, "ambient_timestep": self.ambient_timestep, "learning_rate": self.learning_rate,
-                **self.objective}
+        out = {"seed": self.seed, "ambient_timestep": self.ambient_timestep, "learning_rate": self.learning_rate}
+        if self.text_encoder_lr is not None:
+            out["text_encoder_lr"] = self.text_encoder_lr
+        return {**out, **self.objective, "data_sources": self.data_sources, "held_out_examples": self.held_out}
 
 
-def resolve(cfg: TrainConfig, resume_path, accelerator) -> Resolved:
-    """The seed, t_n, learning rate and objective defaults, before any model loads."""
-    from sdxl_ambient.cache import training_timestep
-
+def resolve(cfg: TrainConfig, levels: list[int], resume_path, accelerator) -> Resolved:
+    """The seed, learning rates and objective defaults for data at these t_n, before any model loads."""
     flags = cfg.flags
-    t_n = training_timestep(cfg.source, cfg.cache)
     scale = flags.gradient_accumulation_steps * flags.train_batch_size * accelerator.num_processes if flags.scale_lr else 1
-    return Resolved(seed=resolve_seed(flags, resume_path, accelerator), ambient_timestep=t_n,
-                    learning_rate=flags.learning_rate * scale, objective=cfg.objective.resolved(t_n))
+    learning_rate, text_encoder_lr = cfg.optimizer.learning_rates(flags.learning_rate, scale)
+    return Resolved(seed=resolve_seed(flags, resume_path, accelerator), ambient_timestep=levels[0],
+                    learning_rate=learning_rate, objective=cfg.objective.resolved(levels),
+                    text_encoder_lr=text_encoder_lr if flags.train_text_encoder else None)
 
 
-def run_fingerprint(cfg: TrainConfig, resolved: Resolved, latent_data: dict, accelerator) -> dict:
+# Resolved values known only once the data is loaded: the flags and the data digest decide them already.
+LOADED_ONLY = ("data_sources", "held_out_examples")
+
+
+def run_fingerprint(cfg: TrainConfig, resolved: Resolved, latent_data: list[dict], accelerator) -> dict:
     """What makes this run's weights, which a resume compares: every flag not safe to change
     (``config.RESUME_SAFE_FLAGS``) as given, the others through what they resolve to (the seed,
-    learning rate, objective, precision, the latent data: its examples and noise, t_n, resolution,
-    ...), the schedule's length where the learning rate depends on it, and the number of processes."""
+    learning rates, objective, precision), the latent data (each cache's examples, levels and noise,
+    and how its images became latents), the schedule's length where the learning rate depends on
+    it, and the number of processes."""
     from sdxl_ambient.data import public_name
 
     flags = cfg.flags
@@ -296,10 +316,13 @@ def run_fingerprint(cfg: TrainConfig, resolved: Resolved, latent_data: dict, acc
         given[key] = public_name(given[key])
     if flags.lr_scheduler not in CONSTANT_SCHEDULES:
         given.update(max_train_steps=flags.max_train_steps, num_train_epochs=flags.num_train_epochs)
-    data = {k: v for k, v in latent_data.items() if k != "latent_data"}
-    named = {f"--{k}": v for k, v in {**given, **resolved.as_dict(), **data,
-                                      "mixed_precision": accelerator.mixed_precision}.items()}
-    return {**named, "training data and its noise": latent_data["latent_data"], "processes": accelerator.num_processes}
+    computed = {k: v for k, v in resolved.as_dict().items() if k not in LOADED_ONLY}
+    named = {f"--{k}": v for k, v in {**given, **computed, "mixed_precision": accelerator.mixed_precision}.items()}
+    for n, part in enumerate(latent_data):  # how each cache's images became latents (a dataset's own settings)
+        where = "" if len(latent_data) == 1 else f" (latent data {n + 1})"
+        named.update({f"--{key}{where}": value for key, value in part.items() if key != "latent_data"})
+    digests = [part["latent_data"] for part in latent_data]
+    return {**named, "training data and its noise": digests, "processes": accelerator.num_processes}
 
 
 @dataclass
@@ -328,6 +351,8 @@ class Run:
     output: OutputFolder
     fingerprint: dict
     val_prompts: dict | None = None
+    empty_prompt: dict | None = None  # with --proportion_empty_prompts
+    held_out: Any = None  # heldout.HeldOutLoss with --validation_split
     hub_repo: str | None = None  # with --push_to_hub, on the main process: the repo, created at the start
     pusher: Any = None
     stop_signal: list = field(default_factory=list)
@@ -363,45 +388,61 @@ def on_main_process(accelerator, check):
     return value
 
 
-def check_inputs(cfg: TrainConfig, resolved: Resolved, resume_path, accelerator, held: contextlib.ExitStack):
+def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
     """Everything that needs no model, before any loads (main process): the output and cache folders
-    (locked for the run's life, in ``held``; a complete cache is only read and not locked), the model folder's files, every image and caption, and
-    that the checkpoint to resume belongs to this run; then, with --push_to_hub, the Hub repo. Nothing
-    is written but the locks (and the Hub repo). Returns the checked images (None for a noisy-latent
-    dataset, used as is) and the Hub repo to push to (None without --push_to_hub)."""
+    (locked for the run's life, in ``held``; a complete cache is only read and not locked), the model
+    folder's files, the checkpoint's files, every image and caption. Nothing is written but the locks.
+    Returns the checked images of the image sources (None when every source is a noisy-latent
+    dataset, used as is) and the planned data (:class:`cache.PlannedData`)."""
     from sdxl_ambient import cache as caches
-    from sdxl_ambient import hub, models
+    from sdxl_ambient import models
     from sdxl_ambient.data import load_training_images
 
-    flags, dataset = cfg.flags, caches.uses_latent_dataset(cfg.source)
+    flags, sources = cfg.flags, list(cfg.sources)
+    own_cache = bool(caches.image_sources(sources))
     output, cache = output_folder(flags, cfg.cache.cache_dir), caches.cache_folder(cfg.cache.cache_dir)
     check_apart("--output_dir", flags.output_dir, input_paths(flags))
-    if not dataset:
+    if own_cache:
         check_cache_place(flags, cfg.cache.cache_dir)
     held.enter_context(output.locked())
     check_output_dir(flags, output, resume_path)
-    if not dataset:
+    if own_cache:
         if not caches.is_complete(cfg.cache.cache_dir):  # a complete cache is only read: runs may share it
             held.enter_context(cache.locked())
         cache.check_foreign(overwrite=False, overwrite_flag=None)  # nothing but a latent cache
     models.check_pipeline_files(flags.pretrained_model_name_or_path, revision=flags.revision, variant=flags.variant)
-    if dataset:
-        caches.LatentCache(flags.train_data_dir, verify=False)  # complete (its shards are verified when it is read)
-        images = None
-    else:
-        images = load_training_images(cfg.source, cfg.data)
     if resume_path is not None:
         checkpointing.check_files(resume_path)
-        expected = caches.expected_latent_data(cfg.source, cfg.data, cfg.cache, images)
-        if expected["latent_data"] is None:
+    images = None
+    if own_cache:
+        images = load_training_images(caches.image_sources(sources), cfg.data, prefix_keys=len(sources) > 1)
+    return images, caches.plan_data(sources, cfg.data, cfg.cache, images)
+
+
+def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, resume_path, accelerator):
+    """(main process) That the checkpoint to resume belongs to this run; then, with --push_to_hub,
+    the Hub repo (checked and created once all else passed). Returns the repo, or None."""
+    from sdxl_ambient import hub
+
+    flags = cfg.flags
+    if resume_path is not None:
+        if planned.fingerprint is None:
             raise UserError(f"--resume_from_checkpoint {resume_path}: the latent cache it was trained on is not in "
                             f"--cache_dir {cfg.cache.cache_dir}, and a new one would carry new noise: give the "
                             "--cache_dir that holds it (or the --noise_seed it was made with), or start a new run")
-        checkpointing.check_resumable(resume_path, run_fingerprint(cfg, resolved, expected, accelerator))
-    hub_repo = None  # --push_to_hub: a token, the Hub and the repo, checked (the repo created) once all else passed
+        checkpointing.check_resumable(resume_path, run_fingerprint(cfg, resolved, planned.fingerprint, accelerator))
     if flags.push_to_hub:
-        hub_repo = hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
-    return images, hub_repo
+        return hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
+    return None
+
+
+def shared(accelerator, value):
+    """The main process's ``value`` on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
@@ -410,36 +451,46 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from sdxl_ambient import models, validation
-    from sdxl_ambient.cache import BucketBatchSampler, latent_data_fingerprint, prepare_cache
+    from sdxl_ambient import heldout, models, validation
+    from sdxl_ambient.cache import BucketBatchSampler, prepare_cache
 
+    # every input checked, the values resolved, before any model loads (the checks on the main process)
     flags = cfg.flags
     accelerator = make_accelerator(flags)
     resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
-    resolved = resolve(cfg, resume_path, accelerator)
-    checked = on_main_process(accelerator, lambda: check_inputs(cfg, resolved, resume_path, accelerator, held))
-    images, hub_repo = checked or (None, None)  # the other processes neither build the cache nor push
+    images, planned = on_main_process(accelerator, lambda: check_inputs(cfg, resume_path, held)) or (None, None)
+    resolved = resolve(cfg, shared(accelerator, planned.levels if planned else None), resume_path, accelerator)
+    hub_repo = on_main_process(accelerator, lambda: check_resume_and_hub(cfg, resolved, planned, resume_path, accelerator))
     set_seed(resolved.seed)
     if flags.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # SDXL parts and the noisy-latent cache (the only data the loop ever sees)
+    # SDXL parts and the noisy-latent cache (the only data the loop ever sees), less the held-out examples
     components = models.load_components(flags.pretrained_model_name_or_path, revision=flags.revision, variant=flags.variant,
                                         pretrained_vae_model_name_or_path=flags.pretrained_vae_model_name_or_path)
     if flags.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=flags.prediction_type)
     place_frozen(flags, components, accelerator.device, weight_dtype)
-    cache = prepare_cache(cfg.source, cfg.data, cfg.cache, components, accelerator, images=images)
-    objective = cfg.objective.build(resolved.ambient_timestep, components.noise_scheduler, accelerator.device)
+    cache = prepare_cache(list(cfg.sources), cfg.data, cfg.cache, components, accelerator, images=images)
+    levels = cache.levels  # of every example, held out or not
+    held_out = None
+    if cfg.held_out is not None:  # the same examples in every run on this data
+        chosen = heldout.choose(cache.examples(), cfg.held_out.split)
+        held_out = heldout.HeldOutLoss([(cache.parts[n].cache, i) for n, i in sorted(chosen)], flags.train_batch_size)
+        cache = cache.without(chosen)
+    resolved.data_sources, resolved.held_out = cache.summary(), len(held_out) if held_out is not None else 0
+    objective = cfg.objective.build(levels, components.noise_scheduler, accelerator.device)
     val_prompts = validation.encode_prompts(components, cfg.validation) if cfg.validation else None
+    empty_prompt = encode_empty_prompt(components, accelerator.device) if flags.proportion_empty_prompts > 0 else None
     if not flags.train_text_encoder:  # the cache holds the embeddings: free the device
         components.text_encoder.to("cpu")
         components.text_encoder_2.to("cpu")
 
     # what trains, the optimizer and the LR schedule
     trained, params = setup_trainable(flags, components, accelerator.device, weight_dtype)
-    optimizer = make_optimizer(flags, params, resolved.learning_rate)
+    optimizer = cfg.optimizer.build(param_groups(trained, resolved.learning_rate,
+                                                 resolved.text_encoder_lr or resolved.learning_rate))
     ema = None
     if flags.use_ema:
         from diffusers.training_utils import EMAModel
@@ -468,13 +519,14 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     generator = torch.Generator(device=accelerator.device).manual_seed(resolved.seed * 1009 + accelerator.process_index)
     guard = NonFiniteGuard(optimizer.optimizer, flags.max_nonfinite_steps,
                            external=accelerator.scaler is not None or accelerator.state.deepspeed_plugin is not None)
+    latent_data = planned.built(cfg.cache.cache_dir) if planned is not None else None
     return Run(cfg=cfg, resolved=resolved, accelerator=accelerator, components=components, cache=cache, sampler=sampler,
                loader=loader, trained=trained, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
                objective=objective, generator=generator, guard=guard, weight_dtype=weight_dtype,
                steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path,
                output=output_folder(flags, cfg.cache.cache_dir),
-               fingerprint=run_fingerprint(cfg, resolved, latent_data_fingerprint(cache.manifest), accelerator),
-               val_prompts=val_prompts, hub_repo=hub_repo)
+               fingerprint=run_fingerprint(cfg, resolved, shared(accelerator, latent_data), accelerator),
+               val_prompts=val_prompts, empty_prompt=empty_prompt, held_out=held_out, hub_repo=hub_repo)
 
 
 def start_outputs(run: Run) -> None:
@@ -523,13 +575,31 @@ def start_epoch(run: Run, epoch: int, step: int) -> None:
         m.train()
 
 
+def prompt_conditioning(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's text embeddings (cached, or from the training text encoders); with
+    --proportion_empty_prompts p each sample's caption is the empty prompt with probability p, drawn
+    per sample at every step from the run's generator."""
+    drop = None
+    if run.empty_prompt is not None:
+        n = batch["input_ids_one"].shape[0]
+        drop = torch.rand(n, generator=run.generator, device=run.generator.device) < run.flags.proportion_empty_prompts
+        drop = drop.to(run.accelerator.device)
+
+    def chosen(key):
+        value = batch[key]
+        if drop is None:
+            return value
+        return torch.where(drop.view(-1, *[1] * (value.ndim - 1)), run.empty_prompt[key].to(value.dtype), value)
+
+    if run.text_models is None:
+        return chosen("prompt_embeds"), chosen("pooled_prompt_embeds")
+    return text_embeddings(*run.text_models, chosen("input_ids_one"), chosen("input_ids_two"))
+
+
 def forward_backward(run: Run, batch: dict, step: int) -> torch.Tensor:
     """The objective on one micro-batch, backpropagated; returns (loss, ambient, consistency) on the device."""
     batch = {k: v.to(run.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if run.text_models is None:
-        prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    else:
-        prompt_embeds, pooled = text_embeddings(*run.text_models, batch["input_ids_one"], batch["input_ids_two"])
+    prompt_embeds, pooled = prompt_conditioning(run, batch)
     net = conditioned_unet(run.trained[0], prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
     with run.accelerator.autocast():
         losses = run.objective(net, batch["observed"], batch["observed_timestep"], generator=run.generator,
@@ -558,8 +628,14 @@ def log_losses(run: Run, meter: LossMeter, step: int, progress) -> None:
     values = meter.mean(run.accelerator)
     if values is None:
         return
-    logs = {"loss": values[0], "ambient_loss": values[1], "consistency_loss": values[2],
-            "lr": run.lr_scheduler.get_last_lr()[0]}
+    from sdxl_ambient.optimizers import effective_learning_rate
+
+    rates = run.lr_scheduler.get_last_lr()
+    logs = {"loss": values[0], "ambient_loss": values[1], "consistency_loss": values[2], "lr": rates[0]}
+    if len(rates) > 1:
+        logs["lr_text_encoder"] = rates[1]
+    if (d_lr := effective_learning_rate(run.optimizer.optimizer)) is not None:
+        logs["d*lr"] = d_lr  # Prodigy's own step size
     run.accelerator.log(logs, step=step)
     progress.set_postfix(loss=f"{values[0]:.4g}")
 
@@ -666,6 +742,34 @@ def validate(run: Run, step: int, final: bool = False):
     return validation.log_validation(*common, step, run.flags.output_dir)
 
 
+def validation_loss(run: Run, step: int) -> dict:
+    """The held-out loss with the current weights (each process its share of the batches, summed),
+    logged to the trackers beside the training loss."""
+    accelerator = run.accelerator
+    unet, *text_encoders = [accelerator.unwrap_model(m) for m in run.trained]
+
+    def net_for(batch):
+        if run.text_models is None:
+            prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        else:
+            prompt_embeds, pooled = text_embeddings(*text_encoders, batch["input_ids_one"], batch["input_ids_two"])
+        return conditioned_unet(unet, prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
+
+    for m in run.trained:
+        m.eval()
+    with accelerator.autocast():
+        totals, counts = run.held_out.sums(run.objective, net_for, accelerator.device, accelerator.process_index,
+                                           accelerator.num_processes)
+    for m in run.trained:
+        m.train()
+    if accelerator.num_processes > 1:
+        totals, counts = accelerator.reduce(totals, "sum"), accelerator.reduce(counts, "sum")
+    logs = run.held_out.logs(totals, counts)
+    accelerator.log(logs, step=step)
+    logger.info("step %d: %s", step, ", ".join(f"{k} {v:.6g}" for k, v in logs.items()))
+    return logs
+
+
 def finish(run: Run, step: int) -> None:
     """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push.
     A failed push keeps everything written and ends the run with a one-line error saying how to push later."""
@@ -700,6 +804,19 @@ def finish(run: Run, step: int) -> None:
         raise UserError(push_failed)
 
 
+def announce(run: Run, step: int) -> None:
+    """The run's shape in the log, each data source's examples, repeats and t_n; at the start of a new
+    run, the held-out loss of the base model (what the run's values compare to)."""
+    logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
+                len(run.cache), run.steps_per_epoch, run.max_steps, run.resolved.ambient_timestep,
+                run.objective.consistency_weight, run.accelerator.num_processes)
+    for source in run.resolved.data_sources:
+        logger.info("data source %s: %d examples, repeats %d, t_n %s", source["name"], source["examples"],
+                    source["repeats"], source["ambient_timestep"])
+    if run.held_out is not None and run.resume_path is None:
+        validation_loss(run, step)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -720,9 +837,7 @@ def loop(run: Run, step: int) -> int:
     from tqdm.auto import tqdm
 
     flags, accelerator, first = run.flags, run.accelerator, step
-    logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
-                len(run.cache), run.steps_per_epoch, run.max_steps, run.resolved.ambient_timestep,
-                run.objective.consistency_weight, accelerator.num_processes)
+    announce(run, step)
     progress = tqdm(range(run.max_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     meter, micro = LossMeter(), None
     for epoch in range(step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
@@ -767,6 +882,8 @@ def loop(run: Run, step: int) -> int:
                 return stopped(run, step)
             if run.val_prompts is not None and step % run.cfg.validation.every_steps == 0 and accelerator.is_main_process:
                 validate(run, step)
+            if run.held_out is not None and (step % run.cfg.held_out.every_steps == 0 or step == run.max_steps):
+                validation_loss(run, step)
             if step >= run.max_steps:
                 break
         if step >= run.max_steps:

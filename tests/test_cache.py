@@ -285,7 +285,8 @@ def test_manifest_records_the_making_and_no_local_paths(noise_folder, tmp_path, 
     assert str(tmp_path) not in text and str(tiny_pipeline_dir.parent) not in text
     m = cache.manifest
     s = m["settings"]
-    assert (s["ambient_timestep"], s["resolution"], s["random_flip"], s["enable_bucket"]) == (T_N, 64, True, True)
+    assert (s["resolution"], s["random_flip"], s["enable_bucket"]) == (64, True, True)
+    assert {e["ambient_timestep"] for e in m["data"]["examples"]} == {T_N}  # each example's t_n beside its key
     assert m["noise_seed_digest"] == cache_mod.seed_digest(NOISE_SEED) and "seed" not in s  # the seed would undo the noise
     assert s["model_id"] == tiny_pipeline_dir.name and m["data"]["examples"][0]["key"] == "img0.png"
     assert len(m["data"]["examples"][0]["content"]) == 64 and m["complete"]
@@ -420,7 +421,7 @@ def test_prepare_cache_builds_on_the_main_process_only(noise_folder, tmp_path, c
         return prepare_cache(source, data_config(), CacheSettings(cache_dir, T_N, NOISE_SEED), components, accelerator)
 
     dataset = prepare(FakeAccelerator(True, log))
-    assert dataset.cache_dir == cache_dir and len(dataset) == len(SIZES)
+    assert dataset.parts[0].cache.cache_dir == cache_dir and len(dataset) == len(SIZES)
     assert log == [("enter", True), "build", ("exit", True)]
     other = prepare(FakeAccelerator(False, log))
     assert log[3:] == [("enter", False), ("exit", False)]  # the other process reads what the main one wrote
@@ -435,6 +436,135 @@ def test_sampler_pads_epochs_to_whole_optimizer_steps_on_every_process():
     assert {i for b in per_rank for batch in b for i in batch} == set(range(6))
     single = BucketBatchSampler(shapes, 2, seed=0, accumulation=2)
     assert len(single) == 4 and len(list(single)) == 4
+
+
+# ----------------------------------------------------------------------------- several noise levels
+
+LEVELS = [0, 100, 500, 0, 900, 100, 500]  # per image k; 0 = clean
+
+
+def set_levels(folder, levels) -> None:
+    """Give image k the metadata column ambient_timestep = levels[k] (None: no column value)."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        k = int(row["file_name"][3:-4])
+        row.pop("ambient_timestep", None)
+        if levels[k] is not None:
+            row["ambient_timestep"] = levels[k]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_each_cached_example_has_its_own_level(noise_folder, tmp_path, components):
+    """The metadata column sets each image's t_n, overriding the run's: each cached latent is its image noised
+    to its own level (a clean one is the VAE latent itself), the level is stored with it and the batch
+    carries it; a changed level refuses the cache, naming the image."""
+    set_levels(noise_folder, [*LEVELS[:-1], None])  # the last image takes the run's t_n
+    cache = build(noise_folder, components, tmp_path / "c", ambient_timestep=T_N)
+    expected_levels = [*LEVELS[:-1], T_N]
+    for i in range(len(cache)):
+        item = cache[i]
+        k = int(item["caption"].split()[-1])
+        y, z = expected_observation(noise_folder, components, k, t_n=expected_levels[k])
+        assert item["observed_timestep"].item() == expected_levels[k] == cache.ambient_timesteps[i]
+        torch.testing.assert_close(item["observed"], y, rtol=1e-5, atol=1e-5)
+        if expected_levels[k] == 0:
+            torch.testing.assert_close(item["observed"], z, rtol=1e-5, atol=1e-5)
+        else:
+            assert not torch.allclose(item["observed"], z, atol=1e-2)
+    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=1)))
+    assert batch["observed_timestep"].tolist() == [cache.ambient_timesteps[0]]
+    set_levels(noise_folder, [*LEVELS[:3], 300, *LEVELS[4:-1], None])
+    with pytest.raises(ValueError, match=r"(?s)img3\.png: ambient_timestep changed.*another --cache_dir"):
+        build(noise_folder, components, tmp_path / "c", ambient_timestep=T_N)
+
+
+def test_a_level_off_the_schedule_names_the_image(noise_folder, tmp_path, components):
+    set_levels(noise_folder, [0, 100, 1000, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"img2\.png: ambient_timestep 1000 must be in \[0, 1000\)"):
+        build(noise_folder, components, tmp_path / "c")
+
+
+def _split_folder(folder: Path, dest: Path, ks: list[int]) -> Path:
+    dest.mkdir()
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if int(r["file_name"][3:-4]) in ks]
+    for r in rows:
+        (dest / r["file_name"]).write_bytes((folder / r["file_name"]).read_bytes())
+    (dest / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return dest
+
+
+def test_data_sources_mix_clean_images_noisy_images_and_a_noisy_latent_dataset(noise_folder, tmp_path, components):
+    """Three sources, each with its own t_n and repeats: a clean folder seen 3 times per epoch, a folder at
+    t_n 500, and a dataset written by `corrupt` at t_n 300 used as is. Every item carries its source's level,
+    keys stay unique, and the summary (logged, in the model card) counts each source."""
+    clean = _split_folder(noise_folder, tmp_path / "clean", [0, 1])
+    noisy = _split_folder(noise_folder, tmp_path / "noisy", [2, 3, 4])
+    shared = _split_folder(noise_folder, tmp_path / "to_share", [5, 6])
+    build_cache(tmp_path / "shared", training_images(shared), components, 300, noise_seed="9", shareable=True)
+    sources = [DataSource(train_data_dir=str(clean), ambient_timestep=0, repeats=3, name="clean"),
+               DataSource(train_data_dir=str(noisy), ambient_timestep=500),
+               DataSource(train_data_dir=str(tmp_path / "shared"))]
+    data = prepare_cache(sources, data_config(), CacheSettings(tmp_path / "cache", None, NOISE_SEED), components)
+    assert len(data) == 3 * 2 + 3 + 2 and len(data.latent_shapes()) == len(data)
+    items = [data[n] for n in range(len(data))]
+    by_source = {}
+    for item in items:
+        by_source.setdefault(item["key"].split("/")[0], set()).add(item["observed_timestep"].item())
+    assert by_source == {"clean": {0}, "noisy": {500}, "shared": {300}}
+    seen = [i["key"] for i in items]
+    assert seen.count("clean/img0.png") == seen.count("clean/img1.png") == 3 and seen.count("noisy/img2.png") == 1
+    assert len({key for _, _, key, _ in data.examples()}) == 7 and data.levels == [0, 300, 500]
+    assert data.summary() == [{"name": "clean", "examples": 2, "repeats": 3, "ambient_timestep": 0},
+                              {"name": "noisy", "examples": 3, "repeats": 1, "ambient_timestep": 500},
+                              {"name": "shared", "examples": 2, "repeats": 1, "ambient_timestep": 300}]
+    y, _ = expected_observation(noise_folder, components, 2, t_n=500)
+    noisy_item = next(i for i in items if i["key"] == "noisy/img2.png")
+    assert noisy_item["observed"].shape == y.shape and noisy_item["caption"] == "picture number 2"
+    with pytest.raises(ValueError, match="both named 'clean'"):
+        prepare_cache([sources[0], DataSource(train_data_dir=str(noisy), name="clean")], data_config(),
+                      CacheSettings(tmp_path / "cache2"), components)
+
+
+def test_corrupt_writes_a_dataset_at_several_levels(noise_folder, tmp_path, tiny_pipeline_dir, components, capsys):
+    """`corrupt` with an ambient_timestep column and no --ambient_timestep: each example at its own level, the
+    summary counts each level and warns of clean ones; an image without a level needs the flag."""
+    from sdxl_ambient.cli import main
+
+    def run(out, *extra):
+        return main(["corrupt", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir",
+                     str(noise_folder), "--resolution", "64", "--output_dir", str(out), "--device", "cpu",
+                     "--noise_seed", NOISE_SEED, *extra])
+
+    set_levels(noise_folder, [*LEVELS[:-1], None])
+    assert run(tmp_path / "missing") == 2
+    assert "--ambient_timestep is required for the 1 image(s)" in capsys.readouterr().err
+    set_levels(noise_folder, LEVELS)
+    assert run(tmp_path / "shared") == 0
+    printed = capsys.readouterr().out
+    assert "t_n = 500" in printed and "(2 examples)" in printed and "2 example(s) at t_n = 0 are clean" in printed
+    dataset = LatentCache(tmp_path / "shared")
+    assert dataset.levels == [0, 100, 500, 900]
+    for i in range(len(dataset)):
+        k = int(dataset[i]["caption"].split()[-1])
+        y, _ = expected_observation(noise_folder, components, k, t_n=LEVELS[k], random_flip=False, enable_bucket=False)
+        torch.testing.assert_close(dataset[i]["observed"], y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dataset_of_the_earlier_format_is_read_with_its_one_level(noise_folder, tmp_path, components):
+    """A noisy-latent dataset written before each example carried its t_n (format 2: one t_n in the settings)
+    still trains at that level; completing or reusing it as a cache is refused with what to do."""
+    cache = build(noise_folder, components, tmp_path / "old", ambient_timestep=400)
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    manifest["format_version"], manifest["settings"]["ambient_timestep"] = 2, 400
+    for entry in manifest["data"]["examples"]:
+        del entry["ambient_timestep"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    old = LatentCache(tmp_path / "old")
+    assert old.levels == [400] and old[3]["observed_timestep"].item() == 400
+    assert torch.equal(old[3]["observed"], cache[3]["observed"])
+    with pytest.raises(ValueError, match="made by an earlier version"):
+        build(noise_folder, components, tmp_path / "old", ambient_timestep=400)
 
 
 # ----------------------------------------------------------------------------- a complete cache is only read

@@ -143,3 +143,81 @@ def test_settings_record_holds_the_flags_and_the_resolved_values_but_no_secret(t
     text = json.dumps(record)
     assert "s3cr3t" not in text and "noise_seed" not in text
     assert record["learning_rate"] == pytest.approx(1e-4) and record["resolved"]["learning_rate"] == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--noise_offset", "0.05"], "--noise_offset 0.05 is refused: offset noise"),
+    (["--snr_gamma", "5"], "--snr_gamma 5.0 is refused: the ambient loss sets its own weight per timestep"),
+    (["--min_snr_gamma", "5"], "--snr_gamma 5.0 is refused"),  # kohya's spelling
+    (["--input_perturbation", "0.1"], "--input_perturbation 0.1 is refused: input perturbation"),
+    (["--ip_noise_gamma", "0.1"], "--input_perturbation 0.1 is refused"),  # kohya's spelling
+])
+def test_flags_that_contradict_the_ambient_math_are_refused_before_any_model_loads(tmp_path, capsys, no_models, extra, fragment):
+    from sdxl_ambient.train import cli
+
+    line = assert_one_line_error(capsys, cli([*required(tmp_path), *extra]), fragment)
+    assert "isotropic" in line or "replaces min-SNR" in line
+    key = {"--min_snr_gamma": "snr_gamma", "--ip_noise_gamma": "input_perturbation"}.get(extra[0], extra[0][2:])
+    path = write_yaml(tmp_path, f"{key}: {extra[1]}\n")
+    assert_one_line_error(capsys, cli(["--config", str(path), *required(tmp_path)]), fragment.split(":")[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_off_values_of_refused_flags_are_accepted(tmp_path):
+    """diffusers' defaults (noise_offset 0, input_perturbation 0) switch the tricks off: a config copied from
+    diffusers that spells them out still runs."""
+    path = write_yaml(tmp_path, "noise_offset: 0\ninput_perturbation: 0.0\nsnr_gamma: null\n")
+    args = config.parse_args(["--config", str(path), *required(tmp_path)])
+    assert args.noise_offset == 0 and args.snr_gamma is None
+
+
+def test_data_sources_inline_in_yaml_or_in_a_file(tmp_path):
+    """--data_sources: the list inline in a --config file, or a YAML/JSON file on the command line; each entry's
+    keys over the flags' values; a source on the command line replaces the file's."""
+    entries = [{"name": "clean", "train_data_dir": "a", "ambient_timestep": 0, "repeats": 3},
+               {"train_data_dir": "b", "ambient_timestep": 500, "caption_column": "prompt"}]
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "out")]
+    inline = write_yaml(tmp_path, json.dumps({"data_sources": entries, "caption_column": "text"}))  # JSON is YAML
+    listed = tmp_path / "sources.json"
+    listed.write_text(json.dumps(entries))
+    for argv in (["--config", str(inline), *base], ["--data_sources", str(listed), *base]):
+        sources = config.load_train_config(argv).sources
+        assert [(s.label, s.train_data_dir, s.ambient_timestep, s.repeats, s.caption_column) for s in sources] == [
+            ("clean", "a", 0, 3, "text"), ("b", "b", 500, 1, "prompt")]
+    (only,) = config.load_train_config(["--config", str(inline), *base, "--train_data_dir", "c"]).sources
+    assert only.train_data_dir == "c" and only.ambient_timestep is None
+
+
+@pytest.mark.parametrize("entries, fragment", [
+    ([], "expected a list of data sources"),
+    (["a"], "source 1 is a str"),
+    ([{"train_data_dir": "a", "repeat": 2}], "source 1: unknown keys ['repeat']"),
+    ([{"train_data_dir": "a", "repeats": "2"}], "source 1: repeats '2' is not a valid int"),
+    ([{"train_data_dir": "a", "repeats": 0}], "source 1: repeats 0 of a must be >= 1"),
+    ([{"ambient_timestep": 5}], "source 1: give --dataset_name or --train_data_dir"),
+    ([{"train_data_dir": "a"}, {"train_data_dir": "x/a"}], "both named 'a'"),
+    ([{"train_data_dir": "a", "ambient_timestep": 1000}], "--ambient_timestep 1000"),
+])
+def test_bad_data_sources_name_the_source_before_any_model_loads(tmp_path, capsys, no_models, entries, fragment):
+    from sdxl_ambient.train import cli
+
+    path = write_yaml(tmp_path, json.dumps({"data_sources": entries}))
+    status = cli(["--config", str(path), "--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "out")])
+    assert_one_line_error(capsys, status, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_sources_and_a_single_source_flag_contradict(tmp_path, no_models):
+    listed = tmp_path / "sources.yaml"
+    listed.write_text("- train_data_dir: a\n")
+    with pytest.raises(UserError, match="--data_sources lists every source"):
+        config.load_train_config(["--pretrained_model_name_or_path", "m", "--data_sources", str(listed), "--train_data_dir", "b"])
+
+
+def test_consistency_with_a_clean_source_and_a_dataset_of_unknown_level_is_not_refused_early(tmp_path, no_models):
+    """A clean source beside a noisy-latent dataset whose t_n is read from it later: the consistency term is
+    refused only once the levels are known (after the data is read), not from the clean source alone."""
+    path = write_yaml(tmp_path, json.dumps({"consistency_weight": 1.0, "data_sources": [
+        {"train_data_dir": "clean", "ambient_timestep": 0}, {"train_data_dir": "noisy_dataset"}]}))
+    cfg = config.load_train_config(["--config", str(path), "--pretrained_model_name_or_path", "m"])
+    assert [s.ambient_timestep for s in cfg.sources] == [0, None]

@@ -271,3 +271,21 @@ def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
         images = load(folder)
     assert images.upscaled == ["tiny.png"] and str(folder / "tiny.png") in caplog.text
     assert data.prepare_example(images.records[0], images.config, 0)["pixel_values"].shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("value, ok", [(0, 0), (250, 250), ("300", 300), (None, None), ("", None),
+                                       (-1, None), (1.5, None), (True, None), ("high", None)])
+def test_the_ambient_timestep_column_gives_each_image_its_level(image_folder, value, ok):
+    """metadata.jsonl's ambient_timestep: a whole number >= 0 per image (empty: the run's); anything else names
+    the file and row."""
+    rows = [json.loads(line) for line in (image_folder / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["ambient_timestep"] = value
+    (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bad = value not in (None, "") and ok is None
+    if bad:
+        with pytest.raises(ValueError, match=r"metadata\.jsonl, row 2: ambient_timestep .* whole number >= 0"):
+            load(image_folder)
+        return
+    images = load(image_folder, ambient_timestep=7)  # the source's level fills the images without their own
+    assert images.records[1].ambient_timestep == (7 if ok is None else ok)
+    assert {r.ambient_timestep for i, r in enumerate(images.records) if i != 1} == {7}

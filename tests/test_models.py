@@ -13,14 +13,17 @@ from sdxl_ambient.lora_formats import diffusers_to_kohya, unet_module_to_ldm
 GEN_KW = dict(prompt="a red cube", num_inference_steps=2, height=64, width=64, output_type="pt", guidance_scale=5.0)
 
 
-def _randomize_lora_b(*modules, seed=0):
-    """peft initialises B = 0 (LoRA starts as the identity); give it values so it changes outputs."""
+def _randomize_lora(*modules, seed=0):
+    """peft initialises B = 0 (LoRA starts as the identity) and a DoRA magnitude at the weight's norms: give B
+    values and scale the magnitudes, so that the adapter changes outputs."""
     gen = torch.Generator().manual_seed(seed)
     for module in modules:
         for name, param in module.named_parameters():
-            if "lora_B" in name:
-                with torch.no_grad():
+            with torch.no_grad():
+                if "lora_B" in name:
                     param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+                elif "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.3 * torch.randn(param.shape, generator=gen))
 
 
 def _images(pipe):
@@ -99,7 +102,7 @@ def test_lora_files_load_in_diffusers_and_match_peft(components, base_pipe, tmp_
     models.add_unet_lora(components.unet, rank=4, alpha=8)
     models.add_text_encoder_lora(components.text_encoder, rank=4, alpha=2)
     models.add_text_encoder_lora(components.text_encoder_2, rank=2)
-    _randomize_lora_b(components.unet, components.text_encoder, components.text_encoder_2)
+    _randomize_lora(components.unet, components.text_encoder, components.text_encoder_2)
     paths = models.save_lora(tmp_path, components.unet, components.text_encoder, components.text_encoder_2,
                              metadata={"ambient_timestep": "200"})
     assert [p.name for p in paths] == [models.LORA_WEIGHT_NAME, models.KOHYA_WEIGHT_NAME]
@@ -123,11 +126,60 @@ def test_lora_files_load_in_diffusers_and_match_peft(components, base_pipe, tmp_
     assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
 
 
+def _comfyui_weight(base, up, down, alpha, dora_scale):
+    """One layer as ComfyUI patches it from a kohya file at strength 1 (restated from comfy/weight_adapter/lora.py
+    ``LoRAAdapter.calculate_weight`` and base.py ``weight_decompose``, ComfyUI commit 9c0cf36; float32)."""
+    calc = base + (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(base.shape)
+    if dora_scale.shape[0] == calc.shape[0]:  # output axis: the base weight's row norms
+        norm = base.reshape(base.shape[0], -1).norm(dim=1, keepdim=True).reshape(base.shape[0], *[1] * (base.dim() - 1))
+    else:  # input axis: the patched weight's column norms
+        norm = (calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1))
+    return calc * (dora_scale / (norm + torch.finfo(torch.float32).eps))
+
+
+def test_dora_loads_in_diffusers_and_its_kohya_copy_is_what_comfyui_builds(components, base_pipe, tmp_path):
+    """--use_dora: the diffusers-format file gives our peft model's images in diffusers, and from the kohya copy
+    ComfyUI's loader builds exactly peft's merged DoRA weight of every adapted layer (UNet and text encoder)."""
+    from sdxl_ambient.lora_formats import KOHYA_PREFIXES, text_encoder_module_path
+
+    models.add_unet_lora(components.unet, rank=4, alpha=8, use_dora=True)
+    models.add_text_encoder_lora(components.text_encoder, rank=4, use_dora=True)
+    _randomize_lora(components.unet, components.text_encoder)
+    models.save_lora(tmp_path, components.unet, components.text_encoder)
+
+    base = _images(base_pipe)
+    ours = _images(_pipeline_from(components, base_pipe.scheduler))
+    base_pipe.load_lora_weights(tmp_path, weight_name=models.LORA_WEIGHT_NAME)
+    assert base_pipe.unet.peft_config["default_0"].use_dora
+    diffusers_file = _images(base_pipe)
+    base_pipe.unload_lora_weights()
+    assert (diffusers_file - base).abs().max() > 0.05
+    torch.testing.assert_close(diffusers_file, ours, atol=1e-5, rtol=0)
+
+    checked = 0
+    with safe_open(str(tmp_path / models.KOHYA_WEIGHT_NAME), "pt") as f:
+        kohya, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for component, model in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+        merged = models.merged_copy(model)
+        for name, module in model.named_modules():
+            if not getattr(module, "lora_magnitude_vector", None):
+                continue
+            path = unet_module_to_ldm(name) if component == "unet" else text_encoder_module_path(name)
+            key = KOHYA_PREFIXES[component] + (unet_module_to_ldm(name, model.config) if component == "unet" else path).replace(".", "_")
+            built = _comfyui_weight(module.get_base_layer().weight.detach().float(), kohya[f"{key}.lora_up.weight"],
+                                    kohya[f"{key}.lora_down.weight"], kohya[f"{key}.alpha"].item(), kohya[f"{key}.dora_scale"])
+            torch.testing.assert_close(built, merged.get_submodule(name).weight.detach().float(), atol=1e-5, rtol=1e-5)
+            checked += 1
+    assert checked == sum(k.endswith(".dora_scale") for k in kohya) > 8
+    assert "dora_wd" in header["ss_network_args"]
+
+
 def test_kohya_names_of_resnets_and_samplers_load_in_diffusers(components, base_pipe, tmp_path):
     """LDM names beyond attention (resnet convs, time projection, shortcut, down/up-samplers) round-trip."""
     targets = ("to_q", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv")
     models.add_unet_lora(components.unet, rank=2, target_modules=targets)
-    _randomize_lora_b(components.unet, seed=1)
+    _randomize_lora(components.unet, seed=1)
     models.save_lora(tmp_path, components.unet)
     diffusers_file, kohya_file = _images_from_files(base_pipe, tmp_path)
     torch.testing.assert_close(kohya_file, diffusers_file, atol=1e-5, rtol=0)
@@ -172,7 +224,7 @@ def test_text_encoder_lora_trains_and_round_trips(components, tiny_pipeline_dir,
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for n, p in components.text_encoder.named_parameters() if "lora_" not in n)
 
-    _randomize_lora_b(components.unet, components.text_encoder, components.text_encoder_2, seed=3)
+    _randomize_lora(components.unet, components.text_encoder, components.text_encoder_2, seed=3)
     models.save_lora(tmp_path, components.unet, components.text_encoder, components.text_encoder_2)
     fresh = models.load_components(str(tiny_pipeline_dir))
     models.add_text_encoder_lora(fresh.text_encoder, rank=4)
@@ -206,7 +258,7 @@ def test_full_pipeline_save_loads_with_trained_unet(components, tmp_path):
     with torch.no_grad():
         components.unet.conv_out.weight.add_(1.0)
     models.add_text_encoder_lora(components.text_encoder, rank=2)
-    _randomize_lora_b(components.text_encoder)
+    _randomize_lora(components.text_encoder)
     models.save_full_pipeline(tmp_path / "pipe", components, components.unet)
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipe", use_safetensors=True)
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
@@ -234,14 +286,17 @@ def _assert_same(modules, snapshot):
         assert all(torch.equal(state[k], saved[k]) for k in saved)
 
 
-def test_lora_checkpoint_hooks_restore_exactly(components, tmp_path):
-    """LoRA on the UNet and text encoder 1, with an EMA of the LoRA parameters as the trainer builds it."""
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_checkpoint_hooks_restore_exactly(components, tmp_path, use_dora):
+    """LoRA (or DoRA: its magnitudes too) on the UNet and text encoder 1, with an EMA of the LoRA parameters as
+    the trainer builds it."""
     from diffusers.training_utils import EMAModel
 
     unet, te = components.unet, components.text_encoder
-    models.add_unet_lora(unet, rank=4)
-    models.add_text_encoder_lora(te, rank=4)
-    _randomize_lora_b(unet, te)
+    models.add_unet_lora(unet, rank=4, use_dora=use_dora)
+    models.add_text_encoder_lora(te, rank=4, use_dora=use_dora)
+    _randomize_lora(unet, te)
+    assert any("lora_magnitude_vector" in n for n, _ in unet.named_parameters()) == use_dora
     accelerator = _accelerator(tmp_path)
     params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=0.9)
@@ -281,7 +336,7 @@ def test_full_checkpoint_hooks_restore_unet_and_ema(components, tmp_path):
     unet, te, te_lora, optimizer = accelerator.prepare(unet, te, te_lora, optimizer)
     models.register_checkpoint_hooks(accelerator, finetune="full", unet=unet, text_encoder=te_lora,
                                      text_encoder_2=te, ema_unet=ema)
-    _randomize_lora_b(te_lora)
+    _randomize_lora(te_lora)
     saved = _snapshot(unet, te, te_lora)
     saved_ema = [p.clone() for p in ema.shadow_params]
     saved_step = ema.optimization_step

@@ -422,6 +422,11 @@ def test_output_folder_is_not_overwritten_without_the_flag(monkeypatch, tmp_path
     (["--finetune", "full", "--train_text_encoder"], "--train_text_encoder"),
     (["--push_checkpoints_to_hub"], "--push_checkpoints_to_hub"),
     (["--resume_from_checkpoint", "checkpoint-7"], "--resume_from_checkpoint checkpoint-7"),
+    (["--use_dora", "--finetune", "full"], "--use_dora"),
+    (["--text_encoder_lr", "1e-5"], "--text_encoder_lr sets the text encoders' learning rate"),
+    (["--optimizer", "prodigy", "--train_text_encoder", "--text_encoder_lr", "1e-5"], "--text_encoder_lr does not go with --optimizer prodigy"),
+    (["--optimizer", "adafactor", "--use_8bit_adam"], "--use_8bit_adam"),
+    (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts 1.5"),
 ])
 def test_bad_flags_fail_before_any_model_is_loaded(monkeypatch, tmp_path, extra, message):
     from sdxl_ambient.train import main
@@ -461,7 +466,7 @@ def test_shipped_training_configs_parse_offline(monkeypatch, config):
     # the demo config leaves the model and the images to `sdxl-ambient demo`
     extra = ["--pretrained_model_name_or_path", "tiny", "--train_data_dir", "images"] if config == "demo.yaml" else []
     args = parse_args(["--config", str(path), *extra])
-    assert args.pretrained_model_name_or_path and (args.dataset_name or args.train_data_dir)
+    assert args.pretrained_model_name_or_path and (args.dataset_name or args.train_data_dir or args.data_sources)
     assert args.resolution % 8 == 0
 
 
@@ -513,7 +518,7 @@ def test_the_training_seed_does_not_reveal_the_cache_noise(monkeypatch, tmp_path
     for path in _files_under(out):
         assert b"5eed" * 8 not in path.read_bytes(), path
     settings = json.loads((out / "training_settings.json").read_text())
-    assert settings["resolved"]["seed"] == 0 and not any("noise" in k for k in (*settings, *settings["resolved"]))
+    assert settings["resolved"]["seed"] == 0 and not any("noise_seed" in k for k in (*settings, *settings["resolved"]))
     assert json.loads((out / "checkpoint-3" / checkpointing.STATE_FILE).read_text())["seed"] == 0
 
     monkeypatch.setattr(secrets, "token_hex", lambda n: "abcd" * (n // 2))

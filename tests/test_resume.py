@@ -67,7 +67,8 @@ def changed_images(tmp_path):
     (["--learning_rate", "1e-2"], ["--learning_rate 0.001 there, 0.01 now"], None),
     (["--resolution", "128"], ["--resolution 64 there, 128 now"], None),
     (["--ambient_timestep", "200"],  # the issue's example, once the cache is gone; the max delta's default is t_n
-     ["--ambient_timestep 100 there, 200 now", "--consistency_max_delta 100 there, 200 now"],
+     ["--ambient_timestep 100 there, 200 now", "--consistency_max_delta 100 there, 200 now",
+      "training data and its noise"],  # the examples' levels are part of the latent data
      lambda out, tmp: shutil.rmtree(out / "latent_cache")),
     (["--cache_dir", "{tmp}/new_cache", "--train_data_dir", "{tmp}/images"], ["training data and its noise"],
      lambda out, tmp: changed_images(tmp)),  # other images, in a fresh cache made with the same noise seed

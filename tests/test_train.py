@@ -102,6 +102,18 @@ def _trained_lora_b(weights: dict, prefix: str) -> bool:
     return any(k.startswith(prefix) and "lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
+def test_the_held_out_loss_is_summed_over_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
+    """--validation_split on two processes: each evaluates its share of the held-out batches and the sums are
+    reduced, so both log the same validation_loss."""
+    out = tmp_path / "ddp"
+    proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--validation_split", "3", "--validation_steps", "1",
+                            steps=2), num_processes=2)
+    assert (out / LORA_FILE).is_file(), proc.stderr[-2000:]
+    values = [line.split("validation_loss ")[1].split()[0] for line in proc.stderr.splitlines() if "step 2: validation_loss" in line]
+    assert len(values) == 2 and values[0] == values[1], proc.stderr[-3000:]
+
+
 def test_text_encoder_lora_trains_and_loads(tmp_path, tiny_pipeline_dir, image_folder):
     """Both text encoders' adapters are trained (off their zero start) and saved, and diffusers' loader applies
     them: the prompt embeddings change."""
