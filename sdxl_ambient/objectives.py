@@ -193,7 +193,7 @@ def posterior_step(x0_pred, sample, timesteps, prev_timesteps, noise, alphas_cum
 
 def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, anchor_x0=None,
                      num_steps=1, min_delta=1, max_delta=100, weight=1.0,
-                     anchor_grad=True, chain_grad=False, generator=None):
+                     anchor_grad=True, chain_grad=False, one_sided=False, generator=None):
     """Consistency of the model with its own reverse process, per sample, shape (B,).
 
     From x_t, two independent chains of ``num_steps`` stochastic DDPM-posterior steps, each
@@ -245,10 +245,18 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
             current = nxt
     if not chain_grad:
         x = x.detach()
-    h = denoiser(x, s2).float()
-    h1, h2 = h[:b], h[b:]
     a = anchor.float()
-    loss = ((h1 - a) * (h2 - a)).mean(dim=tuple(range(1, sample.ndim)))
+    if one_sided:
+        h1 = denoiser(x[:b], s).float()
+        with torch.no_grad():
+            h2 = denoiser(x[b:], s).float()
+        # value (h1 - a)(h2 - a), gradient 2 (h2 - a) dh1
+        product = (2 * h1 - h1.detach() - a) * (h2 - a).detach()
+    else:
+        h = denoiser(x, s2).float()
+        h1, h2 = h[:b], h[b:]
+        product = (h1 - a) * (h2 - a)
+    loss = product.mean(dim=tuple(range(1, sample.ndim)))
     if isinstance(weight, torch.Tensor):
         weight = weight.to(loss.device)
     return weight * loss

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from sdxl_ambient.objectives import add_noise, model_output_from_x0, x0_from_model_output
+from sdxl_ambient.objectives import Denoiser, add_noise, model_output_from_x0, x0_from_model_output
 
 # Training timesteps above t_n at which truncated sampling takes its final Tweedie jump
 # (see the module docstring for the schedule figures behind it).
@@ -251,6 +251,56 @@ def noise_to(latents: torch.Tensor, timestep: int, noise: torch.Tensor, alphas_c
     return add_noise(latents, t, noise, alphas_cumprod)
 
 
+# ----------------------------------------------------------------------------- samplers of a denoiser
+
+
+def sampling_timesteps(num_steps: int, stop: int = 0, start: int = 999) -> torch.Tensor:
+    """Integer timesteps evenly spaced from ``start`` down to ``stop``, both included
+    (``num_steps`` intervals, repeats removed)."""
+    if num_steps < 1 or not 0 <= stop <= start:
+        raise ValueError(f"need num_steps >= 1 and 0 <= stop <= start, got {num_steps}, {stop}, {start}")
+    return torch.linspace(start, stop, num_steps + 1).round().long().unique_consecutive()
+
+
+@torch.no_grad()
+def ddim_denoise(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM from ``x`` at timesteps[0] through the decreasing integer ``timesteps``;
+    returns the denoiser's E[x0 | x_t] at the last of them.
+
+    ``denoiser(x, t)`` -> E[x0 | x_t] with t of shape (B,). Between timesteps,
+    x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps with x0 and eps read from the denoiser at t.
+    Ending at timestep 0 is full sampling; ending at t_n + margin is truncated sampling with its
+    final Tweedie jump."""
+    if len(timesteps) < 1:
+        raise ValueError("ddim_denoise needs at least one timestep")
+    alphas_cumprod = alphas_cumprod.to(x.device)
+    x = x.float()
+    for i, t in enumerate(timesteps):
+        tb = t.to(x.device).repeat(x.shape[0])
+        x0 = denoiser(x, tb).float()
+        if i == len(timesteps) - 1:
+            return x0
+        eps = model_output_from_x0(x0, x, tb, alphas_cumprod, "epsilon")
+        a = alphas_cumprod[timesteps[i + 1]].float()
+        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    raise AssertionError("unreachable")
+
+
+def handoff_denoiser(model: Denoiser, base: Denoiser, below: int) -> Denoiser:
+    """``model`` at timesteps t >= ``below``, ``base`` at t < ``below``: a fine-tune that was never
+    trained below its noise level hands the last steps to the model it started from (for a LoRA,
+    the base is the same network with the adapter switched off)."""
+    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        low = t < below
+        if bool(low.all()):
+            return base(x, t)
+        if not bool(low.any()):
+            return model(x, t)
+        return torch.where(low.reshape(-1, *([1] * (x.ndim - 1))), base(x, t), model(x, t))
+
+    return denoiser
+
+
 def ddim_timesteps(timestep: int, num_steps: int) -> torch.Tensor:
     """``num_steps`` integer timesteps evenly spaced from ``timestep`` down to (not including) 0."""
     if num_steps < 1 or timestep < 1:
@@ -262,20 +312,13 @@ def ddim_timesteps(timestep: int, num_steps: int) -> torch.Tensor:
 def ddim_reconstruct(pipe, cond: Conditioning, x_t: torch.Tensor, timestep: int, num_steps: int) -> torch.Tensor:
     """Deterministic DDIM from x_t at the exact training ``timestep`` to x0 (scaled latents).
 
-    At each t_i (``ddim_timesteps``), x0_i = E[x0 | x_t_i] and eps_i from the guided model output,
-    then x_t_(i+1) = sqrt(abar) x0_i + sqrt(1 - abar) eps_i; the last x0_i is returned. With
-    ``num_steps`` = 1 this is the one-step Tweedie reconstruction."""
+    ``ddim_denoise`` over ``ddim_timesteps`` with E[x0 | x_t] from the guided model output; the
+    last x0 is returned. With ``num_steps`` = 1 this is the one-step Tweedie reconstruction."""
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(x_t.device)
     prediction_type = pipe.scheduler.config.prediction_type
-    ts = ddim_timesteps(timestep, num_steps).to(x_t.device)
-    x = x_t.float()
-    for i, t in enumerate(ts):
-        tb = t.repeat(x.shape[0])
-        out = guided_output(pipe, cond, x.to(pipe.unet.dtype), t).float()
-        x0 = x0_from_model_output(out, x, tb, alphas_cumprod, prediction_type)
-        if i == len(ts) - 1:
-            return x0
-        eps = model_output_from_x0(x0, x, tb, alphas_cumprod, "epsilon")
-        a = alphas_cumprod[ts[i + 1]].float()
-        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    raise ValueError("ddim_reconstruct needs at least one timestep")
+
+    def denoiser(x, tb):
+        out = guided_output(pipe, cond, x.to(pipe.unet.dtype), tb[0]).float()
+        return x0_from_model_output(out, x, tb, alphas_cumprod, prediction_type)
+
+    return ddim_denoise(denoiser, x_t, ddim_timesteps(timestep, num_steps).to(x_t.device), alphas_cumprod)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,10 +31,14 @@ def conditioned_unet(unet, prompt_embeds, pooled_prompt_embeds, time_ids, dtype=
     """``net(x_t, t)`` -> the UNet's raw output for this batch's conditioning.
 
     ``net`` accepts k stacked copies of the batch (k*B samples, e.g. the two consistency
-    chains) and repeats the conditioning k times."""
+    chains) and repeats the conditioning k times. ``net.take(n)`` is the same net for the
+    first n samples of the batch (the consistency term on part of the batch)."""
     dtype = dtype or prompt_embeds.dtype
-    cond = (prompt_embeds.to(dtype), pooled_prompt_embeds.to(dtype), time_ids.to(dtype))
-    b = prompt_embeds.shape[0]
+    return _conditioned(unet, (prompt_embeds.to(dtype), pooled_prompt_embeds.to(dtype), time_ids.to(dtype)), dtype)
+
+
+def _conditioned(unet, cond, dtype) -> Net:
+    b = cond[0].shape[0]
 
     def net(x, t):
         k = x.shape[0] // b
@@ -42,6 +47,7 @@ def conditioned_unet(unet, prompt_embeds, pooled_prompt_embeds, time_ids, dtype=
                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0]
         return out.float()
 
+    net.take = lambda n: _conditioned(unet, tuple(c[:n] for c in cond), dtype)
     return net
 
 
@@ -66,7 +72,13 @@ class AmbientObjective:
     consistency_weight: float = 0.0
     consistency_steps: int = 1
     consistency_max_delta: int = 100
+    consistency_fraction: float = 1.0
+    consistency_one_sided: bool = False
     num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if not 0 < self.consistency_fraction <= 1:
+            raise ValueError(f"consistency_fraction must be in (0, 1], got {self.consistency_fraction}")
 
     def __call__(self, net: Net, observed, observed_timesteps, *, generator=None, use_consistency=True):
         abar = self.alphas_cumprod.to(observed.device)
@@ -85,15 +97,25 @@ class AmbientObjective:
         return losses
 
     def consistency(self, net: Net, y, observed_timesteps, abar, generator=None):
-        """The consistency term from x_tc just above t_n (per sample, (B,))."""
+        """The consistency term from x_tc just above t_n (per sample, (B,)).
+
+        With ``consistency_fraction`` f < 1 only the first k = ceil(f B) samples of the batch (a
+        random batch) get the term, multiplied by B / k so that its mean over the batch still
+        estimates the full term; the others get 0. The term then calls ``net.take(k)`` when the
+        net has it (``conditioned_unet``: the first k samples' conditioning), else ``net``."""
         def denoiser(x, tt):
             return x0_from_model_output(net(x, tt), x, tt, abar, self.prediction_type)
 
-        t_c = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator,
-                             window=self.consistency_max_delta)
-        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
-        x_c = renoise(y, observed_timesteps, t_c, noise, abar)
-        weight = self.consistency_weight * (observed_timesteps > 0).float()
-        return consistency_loss(denoiser, x_c, t_c, abar, num_steps=self.consistency_steps,
+        b = y.shape[0]
+        k = b if self.consistency_fraction >= 1 else max(1, math.ceil(self.consistency_fraction * b))
+        if k < b and hasattr(net, "take"):
+            net = net.take(k)
+        y_k, t_n = y[:k], observed_timesteps[:k]
+        t_c = draw_timesteps(t_n, self.num_train_timesteps, generator=generator, window=self.consistency_max_delta)
+        noise = torch.randn(y_k.shape, generator=generator, device=y.device, dtype=torch.float32)
+        x_c = renoise(y_k, t_n, t_c, noise, abar)
+        weight = self.consistency_weight * (b / k) * (t_n > 0).float()
+        term = consistency_loss(denoiser, x_c, t_c, abar, num_steps=self.consistency_steps,
                                 max_delta=self.consistency_max_delta, weight=weight, anchor_grad=False,
-                                generator=generator)
+                                one_sided=self.consistency_one_sided, generator=generator)
+        return term if k == b else torch.cat([term, term.new_zeros(b - k)])
