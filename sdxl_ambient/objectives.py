@@ -22,10 +22,8 @@ import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("epsilon", "observation")
-# Cap of the epsilon-matched weight over SNR(t). On the 2-D toy (docs/toy_results.md, t_n = 100, 3 seeds)
-# caps 4 / 16 / 64 / 256 sampled at mean distances 0.204 / 0.195 / 0.191 / 0.189 from the exact clean
-# denoiser, the plain observation weighting at 0.574; at t_n = 500 cap 64 beat cap 16 (0.821 vs 0.859).
-# 64 takes nearly all of the gain while keeping the loss's variance near t_n bounded.
+# Cap of the epsilon-matched weight over SNR(t) (``epsilon_matched_weight``); the measurements it was
+# chosen from are in docs/toy_results.md (2-D toy) and docs/image_results.md ("Loss-weight cap").
 DEFAULT_WEIGHT_CAP = 64.0
 
 # denoiser(x_t, t) -> prediction of x0 (same shape as x_t). See ``consistency_loss``.
@@ -210,10 +208,8 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     batched call per step. ``anchor_grad``: the anchor carries gradients; ``chain_grad``: the
     chain's intermediate steps carry gradients. The final predictions h(x'_i, s) always do.
 
-    ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
-    term helps only where it reaches below t_n: weight = w * (t < t_n + max_delta) with
-    anchor_grad=False sampled closer to the clean data, while a constant weight on every t
-    pulled the well-trained anchors at large t off and sampled worse than no term at all.
+    ``weight`` is a float or a per-sample (B,) tensor. Where the term helps and where it harms
+    (which t, weight, max_delta, chain steps): docs/toy_results.md and docs/image_results.md.
     """
     if num_steps < 1 or not 1 <= min_delta <= max_delta:
         raise ValueError(f"need num_steps >= 1 and 1 <= min_delta <= max_delta, got {num_steps}, {min_delta}, {max_delta}")

@@ -1,7 +1,8 @@
 """Sampling from SDXL models trained with the ambient objectives.
 
 Plain functions of a ``StableDiffusionXLPipeline`` (a LoRA loaded or a full fine-tune) and a
-timestep schedule, in the spirit of k-diffusion's ``sampling.py``.
+timestep schedule, in the spirit of k-diffusion's ``sampling.py``; and, at the end, samplers of a
+denoiser callable ``denoiser(x_t, t) -> E[x0 | x_t]`` (``ddim_denoise``, ``handoff_denoiser``).
 
 Full sampling is the pipeline's own call with any diffusers scheduler. Truncated sampling
 runs the same denoising loop down to the training noise level t_n and finishes with one
@@ -15,17 +16,11 @@ to the model output first), then decodes x0 with the VAE.
 Jump timestep. A model trained only on data at t_n sees its x0 error in the ambient loss scaled
 by (1 - lam), lam = s2_n / s2_t with s2 = (1 - abar) / abar (``objectives.predict_observation``):
 at t = t_n the factor is 0 and there is no training signal at all, so the jump is taken from
-a little above t_n. On SDXL's scaled-linear schedule (1000 steps) the factor reaches 1/4 at
-t_n + 15 (t_n = 50), + 24 (100), + 37 (200), + 43 (300), + 43 (500), + 36 (700), + 31 (800),
-and 1/2 at + 40, + 64, + 92, + 104, + 101, + 83, + 73 (computed from the schedule here).
+a little above t_n. ``DEFAULT_JUMP_MARGIN`` and the measurements behind it (the 2-D toy and real
+digits, with this factor along SDXL's schedule) are in docs/image_results.md ("Jump margin").
 
-Measured (``benchmarks/toy_mixture.py``: an MLP trained with the ambient loss on a 2-D Gaussian
-mixture noised to t_n = 100, DDIM then the jump, mean distance to the exact clean denoiser's
-samples from the same noise): jumping at t_n + 0 / 10 / 25 / 50 / 100 gave 0.196 / 0.184 / 0.185 /
-0.198 / 0.222 (seed 0, 4000 steps) and 0.181 / 0.168 / 0.174 / 0.188 / 0.214 (seed 1); with less
-training (1500 steps) + 25 was best. ``DEFAULT_JUMP_MARGIN`` = 25: within the best range on the
-toy, and where (1 - lam) has reached about 1/4 for t_n = 100 on SDXL's schedule. At 25-50
-inference steps this is the first or second inference step above t_n.
+Hand-off. A fine-tune trained only above t_n can instead finish below t_n + margin with the model
+it started from (``handoff_denoiser``; for a LoRA, the adapter switched off).
 
 The noise attack (``ddim_reconstruct``) starts from x_t at an exact training timestep and
 denoises with deterministic DDIM on integer timesteps; its one-step case is the Tweedie jump.
@@ -42,7 +37,7 @@ import torch
 from sdxl_ambient.objectives import Denoiser, add_noise, model_output_from_x0, x0_from_model_output
 
 # Training timesteps above t_n at which truncated sampling takes its final Tweedie jump
-# (see the module docstring for the schedule figures behind it).
+# (measured in docs/image_results.md, "Jump margin").
 DEFAULT_JUMP_MARGIN = 25
 
 

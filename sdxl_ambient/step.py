@@ -61,9 +61,10 @@ class AmbientObjective:
     The consistency term draws its own t_c ~ U{t_n, ..., t_n + max_delta - 1} (x_tc renoised from
     the same observation), so its chains of length delta <= max_delta reach below t_n, where the
     model has no data; the anchor h(x_tc, t_c) and the chains carry no gradient, the two final
-    predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term. On the
-    2-D toy (docs/toy_results.md) this restricted form helped reliably, while applying the term at
-    every t with a trained anchor was slower and at times worse than no term."""
+    predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term.
+    ``consistency_fraction`` (the term on part of the batch) and ``consistency_one_sided`` (one
+    chain's backward pass) make it cheaper. What each form buys at which noise level, and its
+    FLOPs per step: docs/image_results.md ("Part 3"), docs/toy_results.md."""
 
     alphas_cumprod: torch.Tensor
     prediction_type: str = "epsilon"
