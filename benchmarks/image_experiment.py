@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -93,7 +94,9 @@ class Settings:
     num_samples: int = 500  # samples per (model, sampler)
     sampler_step: int = 20  # DDIM step in timesteps
     jump_margin: int = 25
-    margins: tuple = (0, 10, 25, 50, 100)  # jump margins measured on every ambient model
+    margins: tuple = (0, 10, 25, 50, 100)  # jump margins measured on the ambient models (no consistency)
+    oracle: bool = True  # Part 1's model trained on the clean images
+    part1_consistency: bool = True  # Part 1's ambient + consistency models (the default form)
     caps: tuple = (16.0, 256.0)  # loss-weight caps measured besides the default, seed 0
     cap_t_ns: tuple = (100, 500)
     # Part 2
@@ -105,12 +108,13 @@ class Settings:
     lora_lr: float = 5e-3
     full_lr: float = 1e-3
     finetune_seeds: tuple = (0,)
-    # Part 3 forms besides "none" and each t_n's default (name -> objective fields), seed 0
+    # Part 3 forms besides "none" and the default (see consistency_form), first seed
     consistency_forms: tuple = CONSISTENCY_FORMS
     parts: tuple = ("clean", "finetune", "consistency")
 
 
-QUICK = Settings(t_ns=(200,), seeds=(0,), steps=500, num_samples=300, margins=(25,), caps=(), parts=("clean",))
+QUICK = Settings(t_ns=(200,), seeds=(0,), steps=500, num_samples=300, margins=(25,), caps=(), parts=("clean",),
+                 oracle=False, part1_consistency=False)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -148,15 +152,16 @@ class Job:
 
 
 def part1_jobs(s: Settings) -> list[Job]:
+    """Oracle, naive, ambient and ambient + consistency models of every seed and t_n; the cap study."""
     jobs = []
     all_margins = tuple(f"jump{m}" for m in s.margins)
     for seed in s.seeds:
-        if "clean" in s.parts and len(s.t_ns) > 1:
+        if s.oracle:
             jobs.append(Job("clean", "oracle", seed, 0, "oracle"))
         for t_n in s.t_ns:
             jobs.append(Job("clean", "naive", seed, t_n, "naive"))
             jobs.append(Job("clean", "ambient", seed, t_n, "ambient", samplers=("full",) + all_margins))
-            if "consistency" in s.parts or len(s.t_ns) > 1:
+            if s.part1_consistency:
                 jobs.append(Job("clean", "ambient + consistency", seed, t_n, "ambient", consistency_default(t_n),
                                 samplers=("full", f"jump{s.jump_margin}")))
     for cap in s.caps:
@@ -167,6 +172,7 @@ def part1_jobs(s: Settings) -> list[Job]:
 
 
 def part3_jobs(s: Settings) -> list[Job]:
+    """The consistency forms of ``consistency_form`` at the t_n each is run at (first seed)."""
     jobs = []
     for label in s.consistency_forms:
         for t_n in s.t_ns:
@@ -440,8 +446,8 @@ def tables_markdown(agg: dict, settings: Settings, flops: list[dict], meta: dict
                      row("clean", "ambient + consistency", t_n, jump), row("clean", "ambient + consistency", t_n, "full")]
             lines.append(f"| {t_n} | " + " | ".join(
                 f"{mean_spread(c['fd'])} (conf {mean_spread(c['confidence'], 3)})" if c else "-" for c in cells) + " |")
-        lines += ["", f"Jump at t_n + {s.jump_margin}. The consistency term in these rows: {consistency_default(200)} "
-                  + "with max delta = t_n.", ""]
+        lines += ["", f"Jump at t_n + {s.jump_margin}. The consistency term in these rows (the default of Part 3): weight 1, "
+                  + "one chain step, max delta t_n, on a quarter of the batch (consistency_fraction 0.25).", ""]
         lines += ["### Jump margin (FD of the jump from t_n + margin)", "",
                   "| model | t_n | " + " | ".join(f"+{m}" for m in s.margins) + " |", "|---|---|" + "---|" * len(s.margins)]
         for t_n in s.t_ns:
@@ -534,37 +540,36 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (23, 190, 207)]
 
 
-def scatter(points: list[dict], xlabel: str, ylabel: str, size=(720, 480)):
-    """Labelled points {x, y, label, group}, one colour per group, with a legend."""
+def scatter(points: list[dict], xlabel: str, ylabel: str, size=(760, 500)):
+    """Labelled points {x, y, label, group} (x > 0, on a log scale), one colour per group, with a legend."""
     from PIL import Image, ImageDraw
 
     w, h = size
     left, right, top, bottom = 60, 16, 16, 44
-    xs, ys = [p["x"] for p in points], [p["y"] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    pad_x, pad_y = 0.08 * (x1 - x0 or 1), 0.08 * (y1 - y0 or 1)
+    lx, ys = [math.log10(p["x"]) for p in points], [p["y"] for p in points]
+    x0, x1, y0, y1 = min(lx), max(lx), min(ys), max(ys)
+    pad_x, pad_y = 0.06 * (x1 - x0 or 1), 0.08 * (y1 - y0 or 1)
     x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
     pw, ph = w - left - right, h - top - bottom
     draw.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
 
-    def px(x, y):
-        return left + pw * (x - x0) / (x1 - x0), top + ph - ph * (y - y0) / (y1 - y0)
+    def px(log_x, y):
+        return left + pw * (log_x - x0) / (x1 - x0), top + ph - ph * (y - y0) / (y1 - y0)
 
-    for k in range(5):
-        xv, yv = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
-        gx, _ = px(xv, y0)
+    for k in range(6):
+        lv, yv = x0 + (x1 - x0) * k / 5, y0 + (y1 - y0) * k / 5
+        gx, _ = px(lv, y0)
         _, gy = px(x0, yv)
-        draw.text((gx - 12, top + ph + 4), f"{xv:.3g}", fill=(0, 0, 0))
+        draw.text((gx - 12, top + ph + 4), f"{10 ** lv:.3g}", fill=(0, 0, 0))
         draw.text((4, gy - 6), f"{yv:.3g}", fill=(0, 0, 0))
-    draw.text((left + pw // 2 - 100, h - 18), xlabel, fill=(0, 0, 0))
+    draw.text((left + pw // 2 - 120, h - 18), xlabel, fill=(0, 0, 0))
     draw.text((left + 4, top + 2), ylabel, fill=(0, 0, 0))
     groups = list(dict.fromkeys(p["group"] for p in points))
     for p in points:
         colour = COLOURS[groups.index(p["group"]) % len(COLOURS)]
-        cx, cy = px(p["x"], p["y"])
+        cx, cy = px(math.log10(p["x"]), p["y"])
         draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         draw.text((cx + 6, cy - 6), p["label"], fill=colour)
     for i, g in enumerate(groups):
@@ -626,14 +631,14 @@ def write_figures(results: dict[str, dict], agg: dict, settings: Settings, out: 
                 for sampler, m in r["samplers"].items():
                     name = f"{label.split(', ', 1)[1]}, t_n={t_n}, {sampler}"
                     rows[f"{name} (top-1 {m['copy']['to_finetune_set']['mean']:.2f}, FD {m['fd']:.0f})"] = m["grid"]
-                    if sampler in ("full", jump) and "consistency" not in label:
+                    if "consistency" not in label and (t_n == 0 or sampler == jump):  # the clean fine-tune, the jump
                         hist[name] = m["copy"]["top1_finetune"]
             hist["held-out 8s and 9s (real)"] = ctx.heldout_baseline
             path = out / f"part2_samples_{kind}.png"
             labelled_rows(rows, label_width=380).save(path)
             written.append(path.name)
             path = out / f"part2_similarity_{kind}.png"
-            histogram(hist, lo=0.3, hi=1.0, bins=35, size=(760, 420),
+            histogram(hist, lo=0.0, hi=1.0, bins=40, size=(760, 420),
                       xlabel=f"{kind}: top-1 cosine similarity to the fine-tuning set").save(path)
             written.append(path.name)
         for kind in ("lora", "full"):
@@ -644,11 +649,11 @@ def write_figures(results: dict[str, dict], agg: dict, settings: Settings, out: 
                     group = "clean fine-tune" if int(t_n) == 0 else \
                         f"{label.split(', ', 1)[1]}, {sampler.rstrip('0123456789')}"
                     points.append({"x": statistics.mean(r["fd"]), "y": statistics.mean(r["to_finetune_set.mean"]),
-                                   "label": "" if int(t_n) == 0 else f"t_n={t_n}", "group": group})
+                                   "label": "" if int(t_n) == 0 else str(t_n), "group": group})
             points.append({"x": ctx.heldout_fd, "y": statistics.mean(ctx.heldout_baseline), "label": "",
                            "group": "held-out real 8s and 9s"})
             path = out / f"part2_tradeoff_{kind}.png"
-            scatter(points, "FD to held-out 8s and 9s (lower is better)",
+            scatter(points, "FD to held-out 8s and 9s, log scale (lower is better); labels: t_n",
                     f"{kind}: mean top-1 similarity to the fine-tuning set (copying)").save(path)
             written.append(path.name)
     return written
