@@ -438,7 +438,8 @@ def tables_markdown(agg: dict, settings: Settings, flops: list[dict], meta: dict
     jump = f"jump{s.jump_margin}"
     if any(k.startswith("clean|") for k in agg):
         lines += ["## Part 1: clean samples from noisy data", "",
-                  "| t_n | oracle (clean data), full | naive, full | ambient, jump | ambient, full | ambient + consistency, jump | ambient + consistency, full |",
+                  ("| t_n | oracle (clean data), full | naive, full | ambient, jump | ambient, full | "
+                   "ambient + consistency, jump | ambient + consistency, full |"),
                   "|---|---|---|---|---|---|---|"]
         oracle = row("clean", "oracle", 0, "full")
         for t_n in s.t_ns:
@@ -525,7 +526,7 @@ def labelled_rows(rows: dict[str, torch.Tensor], per_row: int = 16, cell: int = 
     """One row of samples per label, the label on the left."""
     from PIL import Image, ImageDraw
 
-    from sdxl_ambient.evaluation.report import image_grid
+    from sdxl_ambient.images import image_grid
 
     height = cell + 4
     sheet = Image.new("RGB", (label_width + per_row * cell, height * len(rows)), (255, 255, 255))
@@ -625,7 +626,7 @@ def write_figures(results: dict[str, dict], agg: dict, settings: Settings, out: 
             rows = {"fine-tuning set (8s and 9s)": ctx.finetune_set.images[torch.arange(0, 64, 4)],
                     "held-out 8s and 9s": ctx.heldout_set.images[torch.arange(0, 64, 4)]}
             hist = {}
-            for (part, label, t_n, sd), r in sorted(finetunes.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+            for (_, label, t_n, sd), r in sorted(finetunes.items(), key=lambda kv: (kv[0][2], kv[0][1])):
                 if sd != fseed or not label.startswith(kind):
                     continue
                 for sampler, m in r["samplers"].items():

@@ -29,7 +29,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -351,7 +350,8 @@ def targets(results: list[dict], ratio_table: dict) -> list[dict]:
     lora_b1 = find(results, "lora", 1, "ambient")
     return [
         check("ambient LoRA step at batch 1: speedup vs baseline >= 3", ratio_table.get("lora/b1", {}).get("ambient_speedup_vs_baseline"), 3.0, True),
-        check("ambient LoRA step at batch 8: speedup vs baseline >= 1.8", ratio_table.get("lora/b8", {}).get("ambient_speedup_vs_baseline"), 1.8, True),
+        check("ambient LoRA step at batch 8: speedup vs baseline >= 1.8",
+              ratio_table.get("lora/b8", {}).get("ambient_speedup_vs_baseline"), 1.8, True),
         check("ambient loss over plain loss <= 3% (worst case)", worst("ambient_overhead_vs_plain_loss", max), 0.03, False),
         check("ambient+consistency / ambient <= 2 (worst case)", worst("consistency_vs_ambient", max), 2.0, False),
         check("ambient LoRA at batch 1: peak memory <= 12 GiB", lora_b1["peak_memory_gib"] if lora_b1 else None, 12.0, False),

@@ -1,6 +1,6 @@
 """Measure the ambient objectives' settings on the 2-D Gaussian-mixture toy (CPU, seconds per run).
 
-Trains the small MLP of ``tests/toy.py`` on noisy observations at t_n and reports the mean distance
+Trains the small MLP of ``sdxl_ambient/toy.py`` on noisy observations at t_n and reports the mean distance
 of its DDIM samples (ending with one Tweedie jump) to the exact clean-mixture denoiser's DDIM samples
 from the same starting noise. Prints a table and writes JSON.
 
@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from toy import (  # noqa: E402
-    TrainConfig, ddim_sample, exact_denoiser, model_denoiser, ring_mixture, sample_distance, sdxl_alphas_cumprod, train,
+from sdxl_ambient.toy import (
+    TrainConfig,
+    ddim_sample,
+    exact_denoiser,
+    model_denoiser,
+    ring_mixture,
+    sample_distance,
+    sdxl_alphas_cumprod,
+    train,
 )
 
 NUM_SAMPLES = 4000
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
     margins = [m for m in MARGINS if t_n + m < 1000]
 
     rows = [{"label": "exact clean denoiser (floor)", "seed": None, "seconds": 0.0, "per_step_ms": 0.0,
-             "distance": {t_n + m: sample_distance(ddim_sample(exact_denoiser(mixture, ac), noise, ac, t_n + m, DDIM_STEPS), reference) for m in margins}}]
+             "distance": {t_n + m: sample_distance(ddim_sample(exact_denoiser(mixture, ac), noise, ac, t_n + m, DDIM_STEPS), reference)
+                          for m in margins}}]
     if args.study == "weighting":
         runs = weighting_runs(t_n, args.steps)
     elif args.study == "margin":

@@ -1,12 +1,19 @@
 """The noisy-latent cache: images are encoded and corrupted once, training reads latents.
 
-For each example (key k, seed s) the cache stores only the observation
+For each example (key k) the cache stores only the observation
 
     y = sqrt(abar_n) z + sqrt(1 - abar_n) eps,   z = scaling_factor * (mu + sigma * xi),
 
-with xi ~ N(0, I) seeded by (s, k, "vae") and eps ~ N(0, I) seeded by (s, k, "noise"):
-one fixed noise realisation per example, the same in every build and every epoch. The
-clean latent z is never written. Text embeddings are SDXL's (penultimate hidden states
+with xi ~ N(0, I) seeded by (s, k, "vae") and eps ~ N(0, I) seeded by (s, k, "noise"), s the
+cache's noise seed (the crop and flip are drawn from (s, k, "crop")): one fixed noise realisation
+per example, the same in every epoch and on every process. The clean latent z is never written.
+
+The noise seed is a secret: whoever knows it can subtract the noise. By default each new cache
+draws a fresh one. It is kept only in ``.secrets.json`` (readable by the owner alone) while the
+build is unfinished, so that an interrupted build can be completed, and removed when the build
+completes. What stays is a key derived from it (one-way) that fingerprints the data, so that a
+later run can check the images are unchanged; a shareable dataset (``sdxl-ambient corrupt``) keeps
+no secret at all. Text embeddings are SDXL's (penultimate hidden states
 of both CLIP encoders, concatenated; pooled = text_encoder_2's projected output).
 
 On disk: ``shard-00000.safetensors``, ... and ``manifest.json`` recording what made the
@@ -24,22 +31,35 @@ import json
 import logging
 import os
 import random
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdxl_ambient.data import (DataConfig, TrainingImages, example_generator, load_training_images, prepare_example,
-                               public_name)
-from sdxl_ambient.objectives import add_noise, observation_abar
+from sdxl_ambient.data import (
+    DataConfig,
+    DataSource,
+    TrainingImages,
+    example_generator,
+    load_training_images,
+    prepare_example,
+    public_name,
+)
+from sdxl_ambient.durable import atomic_write
+from sdxl_ambient.errors import UserError
+from sdxl_ambient.objectives import add_noise, check_ambient_timestep, observation_abar
+from sdxl_ambient.text import text_embeddings, tokenize
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "sdxl-ambient-noisy-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+SECRETS = ".secrets.json"
 SHARD_SIZE = 256
 ENCODE_BATCH_SIZE = 8
 FP16_VAE_HINT = ("use an fp32 VAE (do not cast the VAE to fp16) or pass "
@@ -57,15 +77,27 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over ``path`` (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_manifest(cache_dir: Path, manifest: dict) -> None:
-    _atomic_write(cache_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    atomic_write(cache_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+
+
+def _write_secrets(cache_dir: Path, secrets: dict) -> None:
+    """``.secrets.json``, created readable and writable by the owner only."""
+    def write(path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(secrets, fh)
+    atomic_write(cache_dir / SECRETS, write)
+
+
+def _read_secrets(cache_dir: Path) -> dict:
+    path = cache_dir / SECRETS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is damaged; delete the folder {cache_dir} to rebuild the cache") from None
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
@@ -76,11 +108,11 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete the folder {cache_dir} to rebuild the cache") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an sdxl-ambient latent cache manifest; use another --cache_dir")
+        raise UserError(f"{path} is not valid JSON ({e}); delete the folder {cache_dir} to rebuild the cache") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not an sdxl-ambient latent cache manifest; use another --cache_dir")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: cache format version {manifest.get('format_version')}, this version reads "
+        raise UserError(f"{path}: cache format version {manifest.get('format_version')}, this version reads "
                          f"{FORMAT_VERSION}; delete {cache_dir} (or use another --cache_dir) to rebuild it")
     return manifest
 
@@ -122,30 +154,38 @@ def model_signature(components) -> dict:
 
 def seed_digest(seed) -> str:
     """What the manifest records of the noise seed: anyone who knows the seed can subtract the
-    noise and recover the clean latents, so the seed itself is never written."""
+    noise and recover the clean latents, so the seed itself is never written there."""
     return hashlib.sha256(f"sdxl-ambient-noise-seed\x00{seed}".encode()).hexdigest()
 
 
-def cache_settings(config: DataConfig, components, ambient_timestep: int, shard_size: int) -> dict:
-    settings = config.as_dict()
-    settings["seed"] = seed_digest(settings.pop("seed"))
+def data_key(noise_seed) -> str:
+    """The key of the data fingerprints, derived one-way from the noise seed."""
+    return hashlib.sha256(f"sdxl-ambient-data-key\x00{noise_seed}".encode()).hexdigest()
+
+
+def fresh_noise_seed() -> str:
+    return secrets.token_hex(16)  # 128 bits
+
+
+def manifest_settings(config: DataConfig, components, ambient_timestep: int, shard_size: int) -> dict:
+    """What the manifest records of how the cache was made; a cache is reused only when they are equal."""
     return {
         "model_id": public_name(getattr(components, "model_id", None)),
         "vae_id": public_name(getattr(components, "vae_id", None)),
-        **settings,
+        **config.as_dict(),
         "ambient_timestep": int(ambient_timestep),
         "shard_size": int(shard_size),
         "model": model_signature(components),
     }
 
 
-def data_entries(images: TrainingImages) -> list[dict]:
+def data_entries(images: TrainingImages, key: str) -> list[dict]:
     """Per example: key (relative file name or row), content fingerprint, original size, caption.
 
-    The fingerprint is keyed by the noise seed: a plain hash of the file would let anyone holding a
+    The fingerprint is keyed (``data_key``): a plain hash of the file would let anyone holding a
     candidate image confirm that it is in a shared noisy dataset."""
     def keyed(fingerprint: dict) -> str:
-        return hashlib.sha256(f"{images.config.seed}\x00{json.dumps(fingerprint, sort_keys=True)}".encode()).hexdigest()
+        return hashlib.sha256(f"{key}\x00{json.dumps(fingerprint, sort_keys=True)}".encode()).hexdigest()
 
     return [{"key": r.key, "content": keyed(r.fingerprint), "original_size": list(r.original_size), "caption": r.caption}
             for r in images.records]
@@ -170,30 +210,22 @@ def _data_differences(old: list[dict], new: list[dict]) -> list[str]:
 
 def _refuse(cache_dir: Path, what: str, differences: list[str]) -> None:
     shown = "; ".join(differences[:10]) + (f"; and {len(differences) - 10} more" if len(differences) > 10 else "")
-    raise ValueError(f"the latent cache in {cache_dir} was made with other {what}: {shown}. "
+    raise UserError(f"the latent cache in {cache_dir} was made with other {what}: {shown}. "
                      f"Use another --cache_dir (--output_dir for `sdxl-ambient corrupt`), or delete {cache_dir} to rebuild it.")
 
 
 # ----------------------------------------------------------------------------- encoding
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids padded/truncated to the tokenizer's length (77 for SDXL)."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 @torch.no_grad()
 def encode_prompts(components, ids_one: torch.Tensor, ids_two: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's encode_prompt (models.text_embeddings), on the CPU in float32 for the cache."""
-    from sdxl_ambient.models import text_embeddings
-
+    """SDXL's prompt encoding (``text.text_embeddings``), on the CPU in float32 for the cache."""
     prompt_embeds, pooled = text_embeddings(components.text_encoder, components.text_encoder_2, ids_one, ids_two)
     return prompt_embeds.float().cpu(), pooled.float().cpu()
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, keys: list[str], seed: int, device) -> torch.Tensor:
+def encode_latents(vae, pixels: torch.Tensor, keys: list[str], seed, device) -> torch.Tensor:
     """z = scaling_factor * (mu + sigma * xi), xi drawn per example from (seed, key, "vae")."""
     p = next(vae.parameters())
     dist = vae.encode(pixels.to(device=device, dtype=p.dtype)).latent_dist
@@ -202,12 +234,12 @@ def encode_latents(vae, pixels: torch.Tensor, keys: list[str], seed: int, device
     return z * vae.config.scaling_factor
 
 
-def example_noise(shape, seed: int, key: str) -> torch.Tensor:
+def example_noise(shape, seed, key: str) -> torch.Tensor:
     """The one fixed noise realisation eps of an example."""
     return torch.randn(shape, generator=example_generator(seed, key, "noise"))
 
 
-def observe(z: torch.Tensor, keys: list[str], seed: int, ambient_timestep: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def observe(z: torch.Tensor, keys: list[str], seed, ambient_timestep: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """y = add_noise(z, t_n, eps) with each example's fixed eps."""
     noise = torch.stack([example_noise(z.shape[1:], seed, k) for k in keys])
     t_n = torch.full((z.shape[0],), ambient_timestep, dtype=torch.long)
@@ -217,7 +249,7 @@ def observe(z: torch.Tensor, keys: list[str], seed: int, ambient_timestep: int, 
 def _check_finite(z: torch.Tensor, names: list[str]) -> None:
     bad = [n for n, ok in zip(names, torch.isfinite(z).flatten(1).all(1).tolist()) if not ok]
     if bad:
-        raise ValueError(f"the VAE gave NaN/inf latents for {', '.join(bad)}; {FP16_VAE_HINT}")
+        raise UserError(f"the VAE gave NaN/inf latents for {', '.join(bad)}; {FP16_VAE_HINT}")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -225,7 +257,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def _encode_images(images: TrainingImages, indices: list[int], components, ambient_timestep: int,
+def _encode_images(images: TrainingImages, indices: list[int], components, ambient_timestep: int, seed: str,
                    batch_size: int, device) -> dict[str, torch.Tensor]:
     """``{i}.observed`` and ``{i}.time_ids``; images are decoded a batch at a time, batches share a size."""
     config, out = images.config, {}
@@ -235,11 +267,11 @@ def _encode_images(images: TrainingImages, indices: list[int], components, ambie
     for group in by_size.values():
         for batch in _chunks(group, batch_size):
             records = [images.records[i] for i in batch]
-            examples = [prepare_example(r, config) for r in records]
+            examples = [prepare_example(r, config, seed) for r in records]
             keys = [r.key for r in records]
-            z = encode_latents(components.vae, torch.stack([e["pixel_values"] for e in examples]), keys, config.seed, device)
+            z = encode_latents(components.vae, torch.stack([e["pixel_values"] for e in examples]), keys, seed, device)
             _check_finite(z, [r.name for r in records])
-            y = observe(z, keys, config.seed, ambient_timestep, components.noise_scheduler.alphas_cumprod)
+            y = observe(z, keys, seed, ambient_timestep, components.noise_scheduler.alphas_cumprod)
             for i, y_i, e in zip(batch, y, examples):
                 out[f"{i}.observed"], out[f"{i}.time_ids"] = y_i.float().contiguous(), e["time_ids"]
     return out
@@ -257,14 +289,14 @@ def _encode_captions(images: TrainingImages, indices: list[int], components, bat
             out[f"{i}.pooled_prompt_embeds"] = pooled[n].to(torch.float16).contiguous()
             out[f"{i}.input_ids_one"], out[f"{i}.input_ids_two"] = ids_one[n].long(), ids_two[n].long()
             if not (torch.isfinite(out[f"{i}.prompt_embeds"]).all() and torch.isfinite(out[f"{i}.pooled_prompt_embeds"]).all()):
-                raise ValueError(f"the text embeddings of the caption of {images.records[i].name} overflow float16")
+                raise UserError(f"the text embeddings of the caption of {images.records[i].name} overflow float16")
     return out
 
 
-def encode_shard(images: TrainingImages, indices: list[int], components, ambient_timestep: int,
+def encode_shard(images: TrainingImages, indices: list[int], components, ambient_timestep: int, seed: str,
                  batch_size: int, device) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
     """The tensors of one shard (named ``{index}.{field}``) and the latent (h, w) of each example."""
-    tensors = _encode_images(images, indices, components, ambient_timestep, batch_size, device)
+    tensors = _encode_images(images, indices, components, ambient_timestep, seed, batch_size, device)
     tensors.update(_encode_captions(images, indices, components, batch_size, device))
     return tensors, [list(tensors[f"{i}.observed"].shape[1:]) for i in indices]
 
@@ -290,33 +322,69 @@ def _valid_shards(cache_dir: Path, manifest: dict) -> dict:
     return kept
 
 
-def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components, ambient_timestep: int, *,
-                batch_size: int = ENCODE_BATCH_SIZE, shard_size: int = SHARD_SIZE, device=None) -> "LatentCache":
-    """Encode and corrupt every example into ``cache_dir``, or complete a cache cut off half-way.
+def _noise_seed_for(cache_dir: Path, manifest: dict | None, given: str | None, secret: dict) -> str:
+    """The noise seed of a new or unfinished build: the one given, the unfinished build's own, or a fresh one."""
+    if manifest is None:
+        return given if given is not None else fresh_noise_seed()
+    seed = given if given is not None else secret.get("noise_seed")
+    if seed is None:
+        raise UserError(f"the unfinished latent cache in {cache_dir} lost its noise seed ({SECRETS}); "
+                        f"delete {cache_dir} to rebuild it")
+    if seed_digest(seed) != manifest["noise_seed_digest"]:
+        raise UserError(f"the latent cache in {cache_dir} was made with another --noise_seed; "
+                        f"give the same one, or delete {cache_dir} to rebuild it")
+    return seed
 
-    A cache made with other settings or other data is refused (the error names what differs).
-    The VAE runs in fp32 unless the components carry a separate VAE (``vae_id``)."""
+
+def _check_complete(cache_dir: Path, manifest: dict, images: TrainingImages, given: str | None, secret: dict) -> None:
+    """A finished cache is reused only for the same data, which its data key lets us check."""
+    if given is not None and seed_digest(given) != manifest["noise_seed_digest"]:
+        raise UserError(f"the latent cache in {cache_dir} was made with another --noise_seed; "
+                        f"use another --cache_dir, or delete {cache_dir} to rebuild it")
+    key = data_key(given) if given is not None else secret.get("data_key")
+    if key is None:
+        raise UserError(f"{cache_dir} already holds a complete noisy-latent dataset whose data cannot be checked "
+                        f"(it keeps no key): choose another output folder, or train on it with --train_data_dir {cache_dir}")
+    if manifest["data"]["examples"] != data_entries(images, key):
+        _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data_entries(images, key)))
+
+
+def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components, ambient_timestep: int, *,
+                noise_seed: str | None = None, shareable: bool = False, batch_size: int = ENCODE_BATCH_SIZE,
+                shard_size: int = SHARD_SIZE, device=None) -> LatentCache:
+    """Encode and corrupt every example into ``cache_dir``, complete a cache cut off half-way, or
+    reuse a complete one made from the same data with the same settings.
+
+    ``noise_seed`` None draws a fresh secret one for a new cache. ``shareable`` (the output of
+    ``corrupt``) keeps no key once complete. A cache made with other settings or other data is
+    refused (the error names what differs). The VAE runs in fp32 unless the components carry a
+    separate VAE (``vae_id``)."""
     cache_dir = Path(cache_dir)
-    num_train_timesteps = len(components.noise_scheduler.alphas_cumprod)
-    if not 0 <= ambient_timestep < num_train_timesteps:
-        raise ValueError(f"--ambient_timestep {ambient_timestep} must be in [0, {num_train_timesteps})")
-    settings = cache_settings(images.config, components, ambient_timestep, shard_size)
-    data = data_entries(images)
-    manifest = read_manifest(cache_dir)
-    if manifest is not None:
-        if manifest["settings"] != settings:
-            _refuse(cache_dir, "settings", _setting_differences(manifest["settings"], settings))
-        if manifest["data"]["examples"] != data:
-            _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data))
-        shards = _valid_shards(cache_dir, manifest)
-    else:
-        shards = {}
+    check_ambient_timestep(ambient_timestep, len(components.noise_scheduler.alphas_cumprod))
+    settings = manifest_settings(images.config, components, ambient_timestep, shard_size)
+    manifest, secret = read_manifest(cache_dir), _read_secrets(cache_dir)
+    if manifest is not None and manifest["settings"] != settings:
+        _refuse(cache_dir, "settings", _setting_differences(manifest["settings"], settings))
+    if manifest is not None and manifest.get("complete"):
+        _check_complete(cache_dir, manifest, images, noise_seed, secret)
+        damaged = sorted(set(manifest["shards"]) - set(_valid_shards(cache_dir, manifest)))
+        if not damaged:
+            return LatentCache(cache_dir, verify=False)
+        if noise_seed is None:  # the secret seed went with the finished build: the same noise cannot be re-made
+            raise UserError(f"latent cache shard {cache_dir / damaged[0]} is missing or damaged, and a finished cache "
+                            f"keeps no noise seed to re-make it: delete {cache_dir} to rebuild it")
+    seed = _noise_seed_for(cache_dir, manifest, noise_seed, secret)
+    data = data_entries(images, data_key(seed))
+    if manifest is not None and manifest["data"]["examples"] != data:
+        _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data))
+    shards = _valid_shards(cache_dir, manifest) if manifest is not None else {}
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _write_secrets(cache_dir, {"noise_seed": seed, "data_key": data_key(seed)})
     abar = observation_abar(components.noise_scheduler.alphas_cumprod, torch.tensor([ambient_timestep]))
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings,
-        "observation_abar": float(abar), "num_examples": len(data), "complete": False,
-        "data": {"origin": images.origin, "examples": data, "skipped": images.skipped},
+        "noise_seed_digest": seed_digest(seed), "observation_abar": float(abar), "num_examples": len(data),
+        "complete": False, "data": {"origin": images.origin, "examples": data, "skipped": images.skipped},
         "shards": shards,
     }
     _write_manifest(cache_dir, manifest)
@@ -329,13 +397,17 @@ def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components
         with _placed(components.vae, device, vae_dtype), _placed(components.text_encoder, device), \
                 _placed(components.text_encoder_2, device):
             for name, indices in todo:
-                tensors, shapes = encode_shard(images, indices, components, ambient_timestep, batch_size, device)
-                _atomic_write(cache_dir / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+                tensors, shapes = encode_shard(images, indices, components, ambient_timestep, seed, batch_size, device)
+                atomic_write(cache_dir / name, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
                 shards[name] = {"indices": indices, "latent_shapes": shapes, "sha256": _sha256_file(cache_dir / name)}
                 _write_manifest(cache_dir, manifest)
     manifest["shards"] = {name: shards[name] for name, _ in plan}
     manifest["complete"] = True
     _write_manifest(cache_dir, manifest)
+    if shareable:
+        (cache_dir / SECRETS).unlink()
+    else:
+        _write_secrets(cache_dir, {"data_key": data_key(seed)})
     return LatentCache(cache_dir, verify=False)
 
 
@@ -351,13 +423,14 @@ class LatentCache(torch.utils.data.Dataset):
         self.cache_dir = Path(cache_dir)
         manifest = read_manifest(self.cache_dir)
         if manifest is None:
-            raise FileNotFoundError(f"{self.cache_dir} holds no {MANIFEST}: not a latent cache")
+            raise UserError(f"{self.cache_dir} holds no {MANIFEST}: not a latent cache")
         if not manifest.get("complete"):
-            raise ValueError(f"the latent cache in {self.cache_dir} is incomplete; run the build again to complete it")
+            raise UserError(f"the latent cache in {self.cache_dir} is incomplete; run the same command again to complete it")
         if verify:
             for name, entry in manifest["shards"].items():
                 if not (self.cache_dir / name).is_file() or _sha256_file(self.cache_dir / name) != entry["sha256"]:
-                    raise ValueError(f"latent cache shard {self.cache_dir / name} is missing or fails its checksum")
+                    raise UserError(f"latent cache shard {self.cache_dir / name} is missing or fails its checksum; "
+                                    f"delete {self.cache_dir} to rebuild it")
         self.manifest = manifest
         self._where: dict[int, str] = {}
         self._shapes: dict[int, tuple[int, int]] = {}
@@ -408,8 +481,6 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, latent_shapes: list[tuple[int, int]], batch_size: int, seed: int = 0, drop_last: bool = False,
                  num_replicas: int = 1, rank: int = 0, accumulation: int = 1):
-        if batch_size < 1:
-            raise ValueError(f"--train_batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.seed, self.drop_last, self.epoch, self.skip = batch_size, seed, drop_last, 0, 0
         self.num_replicas, self.rank, self.accumulation = num_replicas, rank, accumulation
         self.groups: dict[tuple, list[int]] = {}
@@ -456,37 +527,43 @@ def check_model_family(cache: LatentCache, components) -> None:
     """A latent dataset must match the model's latent channels, VAE scaling, text dims and noise schedule."""
     made_with, now = cache.manifest["settings"]["model"], model_signature(components)
     if made_with != now:
-        raise ValueError(f"the latent dataset {cache.cache_dir} was made for another model family: "
-                         + "; ".join(_setting_differences(made_with, now)))
+        raise UserError(f"the latent dataset {cache.cache_dir} was made for another model family: "
+                        + "; ".join(_setting_differences(made_with, now)))
 
 
-def adopt_latent_dataset(args, components) -> LatentCache:
-    """Use --train_data_dir's noisy-latent dataset directly; its t_n is adopted when
-    --ambient_timestep is None and must equal it otherwise."""
-    cache = LatentCache(args.train_data_dir)
+def adopt_latent_dataset(folder, components, ambient_timestep: int | None) -> LatentCache:
+    """A noisy-latent dataset given as --train_data_dir, used as is; ``ambient_timestep`` None
+    adopts its t_n, a number must equal it."""
+    cache = LatentCache(folder)
     check_model_family(cache, components)
-    t_n = cache.ambient_timestep
-    if getattr(args, "ambient_timestep", None) is None:
-        args.ambient_timestep = t_n
-        logger.info("adopting the latent dataset's ambient timestep t_n = %d", t_n)
-    elif args.ambient_timestep != t_n:
-        raise ValueError(f"--ambient_timestep {args.ambient_timestep} differs from the t_n = {t_n} of the latent dataset "
-                         f"{args.train_data_dir}; pass --ambient_timestep {t_n} (or leave it out)")
+    if ambient_timestep is not None and ambient_timestep != cache.ambient_timestep:
+        raise UserError(f"--ambient_timestep {ambient_timestep} differs from the t_n = {cache.ambient_timestep} of the "
+                        f"latent dataset {folder}; pass --ambient_timestep {cache.ambient_timestep} (or leave it out)")
     return cache
 
 
-def prepare_cache(args, components, accelerator=None) -> LatentCache:
-    """The trainer's one call: a latent dataset from --train_data_dir as is, or the cache at
-    --cache_dir (default OUTPUT_DIR/latent_cache) built or completed on the main process."""
-    if getattr(args, "train_data_dir", None) and is_latent_dataset(args.train_data_dir):
-        return adopt_latent_dataset(args, components)
-    if getattr(args, "ambient_timestep", None) is None:
-        args.ambient_timestep = 0  # images without a stated noise level: an ordinary fine-tune
-    cache_dir = Path(getattr(args, "cache_dir", None) or Path(args.output_dir) / "latent_cache")
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where the trainer's latent cache goes, the data's noise level (None: adopt a noisy-latent
+    dataset's, else 0 = clean) and the secret noise seed (None: a fresh one for a new cache)."""
+
+    cache_dir: Path
+    ambient_timestep: int | None = None
+    noise_seed: str | None = None
+
+
+def prepare_cache(source: DataSource, config: DataConfig, settings: CacheSettings, components, accelerator=None) -> LatentCache:
+    """The trainer's one call: a noisy-latent dataset given as --train_data_dir as is, or the
+    cache in ``settings.cache_dir`` built, completed or reused on the main process. The training
+    t_n is the returned cache's ``ambient_timestep``."""
+    if source.train_data_dir and is_latent_dataset(source.train_data_dir):
+        return adopt_latent_dataset(source.train_data_dir, components, settings.ambient_timestep)
+    t_n = 0 if settings.ambient_timestep is None else settings.ambient_timestep
     device = accelerator.device if accelerator is not None else None
 
     def build():
-        build_cache(cache_dir, load_training_images(args), components, args.ambient_timestep, device=device)
+        images = load_training_images(source, config)
+        build_cache(settings.cache_dir, images, components, t_n, noise_seed=settings.noise_seed, device=device)
 
     if accelerator is None:
         build()
@@ -494,4 +571,4 @@ def prepare_cache(args, components, accelerator=None) -> LatentCache:
         with accelerator.main_process_first():
             if accelerator.is_main_process:
                 build()
-    return LatentCache(cache_dir, verify=False)
+    return LatentCache(settings.cache_dir, verify=False)

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxl_ambient.durable import fsync_dir, fsync_file
+from sdxl_ambient.errors import UserError
+
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -49,10 +52,10 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir) -> Path |
     for candidate in (Path(resume_from_checkpoint), Path(output_dir) / resume_from_checkpoint):
         if candidate.is_dir():
             if not (candidate / STATE_FILE).is_file():
-                raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {candidate} is not a complete checkpoint "
+                raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: {candidate} is not a complete checkpoint "
                                  f"(no {STATE_FILE})")
             return candidate
-    raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder (or use `latest`)")
+    raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder (or use `latest`)")
 
 
 def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: torch.Generator,
@@ -76,6 +79,7 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: 
         if final.exists():  # a second save of the same step (e.g. a stop right after a checkpoint)
             _remove(final)
         os.replace(tmp, final)
+        fsync_dir(root)  # the rename itself reaches the disk
         _prune(root, total_limit)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
@@ -87,7 +91,7 @@ def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> dict
     accelerator.load_state(str(path))
     rng_file = path / f"rng-{accelerator.process_index}.safetensors"
     if not rng_file.is_file():
-        raise ValueError(f"{path} was written by a run with fewer processes: {rng_file.name} is missing")
+        raise UserError(f"{path} was written by a run with fewer processes: {rng_file.name} is missing")
     generator.set_state(load_file(str(rng_file))["state"])
     return json.loads((path / STATE_FILE).read_text())
 
@@ -106,12 +110,14 @@ def _remove(checkpoint: Path) -> None:
     ``.tmp-checkpoint-N-old`` (atomic) first, then delete that (a stale one goes with the next save)."""
     doomed = checkpoint.with_name(f".tmp-{checkpoint.name}-old")
     os.replace(checkpoint, doomed)
+    fsync_dir(checkpoint.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush the files of a finished save to disk before it is renamed into place."""
+    """Flush the files and folders of a finished save to disk before it is renamed into place."""
     for path in folder.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(path)
+    for path in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
+        fsync_dir(path)

@@ -7,9 +7,10 @@ flags (see ``sdxl_ambient.config``) and is what ``train_sdxl_ambient.py`` runs.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from sdxl_ambient.errors import exit_code_of
 
 COMMANDS = {
     "demo": ("sdxl_ambient.demo", "corrupt, train a LoRA and sample on the embedded tiny model (CPU, no network)"),
@@ -17,17 +18,20 @@ COMMANDS = {
     "generate": ("sdxl_ambient.generate", "sample images from a base model with a LoRA or from a full fine-tune"),
     "memorization": ("sdxl_ambient.evaluation.memorization", "measure how much models copy their fine-tuning set"),
     "quality": ("sdxl_ambient.evaluation.quality", "FID / KID (and CLIP score) against reference images"),
+    "push": ("sdxl_ambient.push", "upload a finished training run's weights, model card and samples to the Hub"),
     "make-tiny": ("sdxl_ambient.tiny", "save the tiny random SDXL-shaped pipeline used by the demo and tests"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str]) -> int:
+    """Parse and run one subcommand; expected user errors propagate as ``UserError``."""
+    from sdxl_ambient.config import FlagParser
+
     if argv and argv[0] == "train":
         from sdxl_ambient.train import main as train_main
 
-        return train_main(argv[1:]) or 0
-    parser = argparse.ArgumentParser(prog="sdxl-ambient", description=__doc__.splitlines()[0])
+        return train_main(argv[1:])
+    parser = FlagParser(prog="sdxl-ambient", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="fine-tune SDXL with the ambient objectives (flags: sdxl-ambient train --help)")
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
@@ -40,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``sdxl-ambient COMMAND ...``: a user error is one line on stderr and exit status 2."""
+    return exit_code_of(lambda: run(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

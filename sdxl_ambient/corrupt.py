@@ -11,42 +11,26 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import secrets
-
-import torch
-
 from sdxl_ambient.cache import ENCODE_BATCH_SIZE, SHARD_SIZE, build_cache
+from sdxl_ambient.config import (
+    add_data_arguments,
+    add_device_argument,
+    add_model_arguments,
+    add_noise_arguments,
+    data_config,
+    data_source,
+)
 from sdxl_ambient.data import load_training_images
 
+
 def add_arguments(parser) -> None:
-    a = parser.add_argument
-    a("--pretrained_model_name_or_path", required=True, help="SDXL pipeline: Hub id or local folder.")
-    a("--pretrained_vae_model_name_or_path", default=None, help="A separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix).")
-    a("--revision", default=None)
-    a("--variant", default=None)
-    a("--train_data_dir", default=None, help="Image folder with metadata.jsonl (or .txt captions beside the images).")
-    a("--dataset_name", default=None, help="A Hub dataset (or a folder load_from_disk reads).")
-    a("--dataset_config_name", default=None)
-    a("--image_column", default="image")
-    a("--caption_column", default="text")
-    a("--max_train_samples", type=int, default=None)
-    a("--ambient_timestep", type=int, required=True, help="t_n: the noise level to corrupt to (0 = clean latents).")
-    a("--resolution", type=int, default=1024)
-    a("--center_crop", action="store_true")
-    a("--random_flip", action="store_true")
-    a("--enable_bucket", action="store_true", help="Aspect-ratio bucketing (kohya's flag).")
-    a("--min_bucket_reso", type=int, default=512)
-    a("--max_bucket_reso", type=int, default=2048)
-    a("--bucket_reso_steps", type=int, default=64)
-    a("--skip_broken_images", action="store_true", help="Skip unreadable images (each is reported) instead of stopping.")
-    a("--allow_empty_captions", action="store_true")
-    a("--seed", type=str, default=None,
-      help="Seeds the fixed noise, the VAE sample and the crops/flips. Default: a fresh secret seed that is never "
-           "stored. Whoever knows the seed can remove the noise: give one only to be able to rebuild, and keep it private.")
-    a("--output_dir", required=True, help="Folder for the noisy-latent dataset (an interrupted run is completed).")
-    a("--batch_size", type=int, default=ENCODE_BATCH_SIZE, help="Encoding batch size.")
-    a("--shard_size", type=int, default=SHARD_SIZE, help="Examples per safetensors shard.")
-    a("--device", default=None, help="Where to encode (default: cuda if available, else cpu).")
+    add_model_arguments(parser, required=True)
+    add_data_arguments(parser)
+    add_noise_arguments(parser, required=True)
+    parser.add_argument("--output_dir", required=True, help="Folder for the noisy-latent dataset (an interrupted run is completed).")
+    parser.add_argument("--batch_size", type=int, default=ENCODE_BATCH_SIZE, help="Encoding batch size.")
+    parser.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="Examples per safetensors shard.")
+    add_device_argument(parser)
 
 
 def _folder_size(folder: Path) -> int:
@@ -72,17 +56,13 @@ def summary(cache, images) -> str:
 
 
 def run(args) -> int:
-    if not args.train_data_dir and not args.dataset_name:
-        raise ValueError("give --train_data_dir or --dataset_name")
-    if args.seed is None:
-        args.seed = secrets.token_hex(16)  # 128 bits, printed nowhere, stored only as a digest
-    images = load_training_images(args)  # every image checked before the model is loaded
-    from sdxl_ambient.models import load_components
+    from sdxl_ambient.models import load_components, resolve_device
 
+    images = load_training_images(data_source(args), data_config(args))  # every image checked before the model is loaded
     components = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                  pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cache = build_cache(args.output_dir, images, components, args.ambient_timestep,
-                        batch_size=args.batch_size, shard_size=args.shard_size, device=device)
+    cache = build_cache(args.output_dir, images, components, args.ambient_timestep, noise_seed=args.noise_seed,
+                        shareable=True, batch_size=args.batch_size, shard_size=args.shard_size,
+                        device=resolve_device(args.device))
     print(summary(cache, images))
     return 0

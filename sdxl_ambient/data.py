@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,13 +27,44 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from sdxl_ambient.errors import UserError
+from sdxl_ambient.files import METADATA_FILES
+from sdxl_ambient.images import is_image_file, open_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 CAPTION_EXTENSIONS = (".txt", ".caption")
 VAE_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the training images and captions come from: an image folder (``metadata.jsonl`` or
+    kohya ``.txt`` captions, or a ``save_to_disk`` folder) or a Hub dataset, and how to read it."""
+
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    max_train_samples: int | None = None
+    skip_broken_images: bool = False
+    allow_empty_captions: bool = False
+
+    def __post_init__(self):
+        if not self.dataset_name and not self.train_data_dir:
+            raise UserError("give --dataset_name or --train_data_dir")
+        if self.dataset_name and self.train_data_dir:
+            raise UserError("--dataset_name and --train_data_dir contradict each other: give one")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise UserError(f"--max_train_samples {self.max_train_samples} must be >= 1")
+
+    @property
+    def origin(self) -> str:
+        """Where the data came from, without the local machine's absolute paths."""
+        return public_name(self.dataset_name) if self.dataset_name else Path(self.train_data_dir).name
 
 
 # ----------------------------------------------------------------------------- records
@@ -64,27 +94,46 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()
 
 
-def _check_columns(columns: list[str], args) -> None:
-    for flag, name in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+def _check_columns(columns: list[str], source: DataSource) -> None:
+    for flag, name in (("--image_column", source.image_column), ("--caption_column", source.caption_column)):
         if name not in columns:
-            raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {sorted(columns)}")
+            raise UserError(f"{flag} {name!r} is not a column of the dataset; its columns are {sorted(columns)}")
 
 
-def _read_metadata(folder: Path) -> list[dict] | None:
-    jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
-    if jsonl.exists():
+def _metadata_rows(path: Path) -> list[Any]:
+    if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{jsonl}, line {n}: not valid JSON ({e})") from None
+                    raise UserError(f"{path}, line {n}: not valid JSON ({e})") from None
         return rows
-    if csv_path.exists():
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_metadata(folder: str | os.PathLike, caption_column: str = "text") -> list[dict] | None:
+    """The rows of an image folder's ``metadata.jsonl`` (or ``.csv``), each checked to be an object
+    with a ``file_name`` of an existing file and the caption column; None when the folder has none."""
+    folder = Path(folder)
+    path = next((folder / name for name in METADATA_FILES if (folder / name).is_file()), None)
+    if path is None:
+        return None
+    rows = _metadata_rows(path)
+    for n, row in enumerate(rows, 1):
+        where = f"{path}, row {n}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected an object like {{\"file_name\": ..., \"{caption_column}\": ...}}, "
+                            f"got {type(row).__name__}")
+        if not isinstance(row.get("file_name"), str) or not row["file_name"]:
+            raise UserError(f"{where}: no 'file_name' (the image's path relative to {folder}); its keys are {sorted(row)}")
+        if caption_column not in row:
+            raise UserError(f"{where}: --caption_column {caption_column!r} is not one of its keys {sorted(row)}")
+        if not (folder / row["file_name"]).is_file():
+            raise UserError(f"{where}: lists {row['file_name']!r}, which is not in the folder")
+    return rows
 
 
 def _file_fingerprint(path: Path) -> dict:
@@ -96,29 +145,22 @@ def folder_records(folder: str | os.PathLike, caption_column: str = "text") -> l
     else every image with its kohya-style ``.txt``/``.caption`` file (empty caption when none)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--train_data_dir {folder} is not a folder")
-    rows = _read_metadata(folder)
+        raise UserError(f"--train_data_dir {folder} is not a folder")
+    rows = read_metadata(folder, caption_column)
     records = []
     if rows is not None:
-        columns = sorted(set().union(*(r.keys() for r in rows))) if rows else []
-        if rows and "file_name" not in columns:
-            raise ValueError(f"{folder}/metadata: no 'file_name' column; its columns are {columns}")
-        if rows and caption_column not in columns:
-            raise ValueError(f"--caption_column {caption_column!r} is not a column of {folder}/metadata; its columns are {columns}")
         for row in rows:
             path = folder / row["file_name"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{folder}/metadata lists {row['file_name']!r}, which is not in the folder")
-            caption = row.get(caption_column)
+            caption = row[caption_column]
             records.append(ImageRecord(row["file_name"], "" if caption is None else str(caption), path, _file_fingerprint(path)))
     else:
-        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        for path in sorted(p for p in folder.rglob("*") if is_image_file(p)):
             caption_file = next((c for c in (path.with_suffix(e) for e in CAPTION_EXTENSIONS) if c.exists()), None)
             caption = caption_file.read_text(encoding="utf-8").strip() if caption_file else ""
             key = path.relative_to(folder).as_posix()
             records.append(ImageRecord(key, caption, path, _file_fingerprint(path)))
     if not records:
-        raise ValueError(f"--train_data_dir {folder} holds no images (expected images with metadata.jsonl or .txt captions)")
+        raise UserError(f"--train_data_dir {folder} holds no images (expected images with metadata.jsonl or .txt captions)")
     return records
 
 
@@ -132,7 +174,7 @@ def _row_image(value: Any, row: int) -> tuple[Any, dict]:
         return data, {"bytes": len(data), "sha256": _sha256(data)}
     if isinstance(value, Image.Image):
         return value, {"sha256": _sha256(value.mode.encode() + str(value.size).encode() + value.tobytes())}
-    raise ValueError(f"dataset row {row}: the image cell is a {type(value).__name__}, not an image")
+    raise UserError(f"dataset row {row}: the image cell is a {type(value).__name__}, not an image")
 
 
 def dataset_records(dataset, image_column: str, caption_column: str, name: str) -> list[ImageRecord]:
@@ -142,7 +184,7 @@ def dataset_records(dataset, image_column: str, caption_column: str, name: str) 
     if image_column in dataset.features and isinstance(dataset.features[image_column], ImageFeature):
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
     if len(dataset) == 0:
-        raise ValueError(f"dataset {name} is empty")
+        raise UserError(f"dataset {name} is empty")
     records = []
     for i, row in enumerate(dataset):
         source, fingerprint = _row_image(row[image_column], i)
@@ -161,33 +203,25 @@ def load_hf_dataset(dataset_name: str, dataset_config_name: str | None = None):
         ds = datasets.load_dataset(dataset_name, dataset_config_name)
     if isinstance(ds, (datasets.DatasetDict, dict)):
         if "train" not in ds:
-            raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits: {sorted(ds)})")
+            raise UserError(f"--dataset_name {dataset_name}: no 'train' split (splits: {sorted(ds)})")
         ds = ds["train"]
     return ds
 
 
-def collect_records(args) -> list[ImageRecord]:
+def collect_records(source: DataSource) -> list[ImageRecord]:
     """Records from --dataset_name, or --train_data_dir (an image folder or a ``save_to_disk``
     folder), cut to --max_train_samples (the first N)."""
-    name = getattr(args, "dataset_name", None)
-    limit = args.max_train_samples
-    if not name and _is_saved_dataset(Path(args.train_data_dir)):
-        name = str(args.train_data_dir)
+    name, limit = source.dataset_name, source.max_train_samples
+    if not name and _is_saved_dataset(Path(source.train_data_dir)):
+        name = str(source.train_data_dir)
     if not name:
-        records = folder_records(args.train_data_dir, args.caption_column)
+        records = folder_records(source.train_data_dir, source.caption_column)
         return records[:limit] if limit is not None else records
-    ds = load_hf_dataset(name, getattr(args, "dataset_config_name", None))
-    _check_columns(list(ds.column_names), args)
+    ds = load_hf_dataset(name, source.dataset_config_name)
+    _check_columns(list(ds.column_names), source)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return dataset_records(ds, args.image_column, args.caption_column, name)
-
-
-def data_origin(args) -> str:
-    """Where the data came from, without the local machine's absolute paths."""
-    if getattr(args, "dataset_name", None):
-        return public_name(args.dataset_name)
-    return Path(args.train_data_dir).name
+    return dataset_records(ds, source.image_column, source.caption_column, name)
 
 
 def public_name(name_or_path: str | None) -> str | None:
@@ -202,44 +236,9 @@ def public_name(name_or_path: str | None) -> str | None:
 # ----------------------------------------------------------------------------- image loading
 
 
-def _scale_high_bit_depth(im: Image.Image) -> Image.Image:
-    """I;16 / I / F images to 8-bit L. 16-bit data (I;16*, or I with values above 255) is divided
-    by 257 so 65535 -> 255; float images in [0, 1] are multiplied by 255."""
-    arr = np.asarray(im).astype(np.float64)
-    if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255):
-        arr = arr / 257.0
-    elif im.mode == "F" and arr.max(initial=0) <= 1.0:
-        arr = arr * 255.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB: transparency is composited onto white, 16-bit is scaled to 8-bit."""
-    if im.mode.startswith("I") or im.mode == "F":
-        im = _scale_high_bit_depth(im)
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _open(source: Any) -> Image.Image:
-    if isinstance(source, Image.Image):
-        return source.copy()
-    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-
-
 def load_image(record: ImageRecord) -> Image.Image:
-    """The record's image, fully decoded, EXIF-oriented, RGB. Errors name the file."""
-    try:
-        with _open(record.source) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise ValueError(f"cannot read image {record.name}: {type(e).__name__}: {e}") from None
+    """The record's image, fully decoded, EXIF-oriented, RGB (:func:`images.open_image`). Errors name the file."""
+    return open_image(record.source, record.name)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -254,15 +253,15 @@ def check_images(records: list[ImageRecord], skip_broken_images: bool = False) -
     for record in records:
         try:
             im = load_image(record)
-        except ValueError as e:
+        except UserError as e:
             if not skip_broken_images:
-                raise ValueError(f"{e} (pass --skip_broken_images to skip such files)") from None
+                raise UserError(f"{e} (pass --skip_broken_images to skip such files)") from None
             logger.warning("skipping broken image: %s", e)
             skipped.append(record.key)
             continue
         kept.append(replace(record, original_size=(im.height, im.width)))
     if not kept:
-        raise ValueError(f"no readable images: all {len(records)} were broken")
+        raise UserError(f"no readable images: all {len(records)} were broken")
     return kept, skipped
 
 
@@ -270,12 +269,12 @@ def check_captions(records: list[ImageRecord], allow_empty_captions: bool = Fals
     empty = [r.name for r in records if not r.caption.strip()]
     if empty and not allow_empty_captions:
         shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
-        raise ValueError(f"{len(empty)} image(s) have an empty caption: {shown} (pass --allow_empty_captions to train on them)")
+        raise UserError(f"{len(empty)} image(s) have an empty caption: {shown} (pass --allow_empty_captions to train on them)")
     if empty:
         logger.warning("%d image(s) have an empty caption (allowed by --allow_empty_captions)", len(empty))
 
 
-def warn_small_images(records: list[ImageRecord], config: "DataConfig") -> list[str]:
+def warn_small_images(records: list[ImageRecord], config: DataConfig) -> list[str]:
     """Keys of images smaller than their target size (they get upscaled); one warning names them."""
     small = [r for r in records if any(o < t for o, t in zip(r.original_size, config.target_size(r.original_size)))]
     if small:
@@ -319,23 +318,16 @@ class DataConfig:
     min_bucket_reso: int = 512
     max_bucket_reso: int = 2048
     bucket_reso_steps: int = 64
-    seed: int = 0
 
     def __post_init__(self):
         if self.resolution <= 0 or self.resolution % VAE_FACTOR:
-            raise ValueError(f"--resolution {self.resolution} must be a positive multiple of {VAE_FACTOR} (the VAE downsamples by 8)")
+            raise UserError(f"--resolution {self.resolution} must be a positive multiple of {VAE_FACTOR} (the VAE downsamples by 8)")
         if self.enable_bucket:
             if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % VAE_FACTOR:
-                raise ValueError(f"--bucket_reso_steps {self.bucket_reso_steps} must be a positive multiple of {VAE_FACTOR}")
+                raise UserError(f"--bucket_reso_steps {self.bucket_reso_steps} must be a positive multiple of {VAE_FACTOR}")
             if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
-                raise ValueError(f"--resolution {self.resolution} must lie between --min_bucket_reso {self.min_bucket_reso} "
-                                 f"and --max_bucket_reso {self.max_bucket_reso}")
-
-    @classmethod
-    def from_args(cls, args) -> "DataConfig":
-        """The flags of the same names; a flag that is missing or None keeps the default (seed None -> 0)."""
-        given = {name: getattr(args, name, None) for name in cls.__dataclass_fields__}
-        return cls(**{name: value for name, value in given.items() if value is not None})
+                raise UserError(f"--resolution {self.resolution} must lie between --min_bucket_reso {self.min_bucket_reso} "
+                                f"and --max_bucket_reso {self.max_bucket_reso}")
 
     def buckets(self) -> list[tuple[int, int]]:
         if not self.enable_bucket:
@@ -384,13 +376,14 @@ def transform_image(im: Image.Image, target: tuple[int, int], center_crop: bool,
     return pixels / 127.5 - 1.0, (top, left)
 
 
-def prepare_example(record: ImageRecord, config: DataConfig) -> dict:
-    """The transformed image of one record and its SDXL micro-conditioning."""
+def prepare_example(record: ImageRecord, config: DataConfig, seed) -> dict:
+    """The transformed image of one record and its SDXL micro-conditioning; the crop and flip are
+    drawn from (``seed``, the record's key)."""
     im = load_image(record)
     original_size = (im.height, im.width)
     target = config.target_size(original_size)
     pixels, crop_top_left = transform_image(im, target, config.center_crop, config.random_flip,
-                                            example_generator(config.seed, record.key, "crop"))
+                                            example_generator(seed, record.key, "crop"))
     return {"key": record.key, "caption": record.caption, "pixel_values": pixels,
             "time_ids": time_ids(original_size, crop_top_left, target)}
 
@@ -411,11 +404,10 @@ class TrainingImages:
     upscaled: list[str] = field(default_factory=list)
 
 
-def load_training_images(args) -> TrainingImages:
-    """Records from the flags, every image decoded once and every caption checked up-front."""
-    config = DataConfig.from_args(args)
-    records = collect_records(args)
-    records, skipped = check_images(records, bool(getattr(args, "skip_broken_images", False)))
-    check_captions(records, bool(getattr(args, "allow_empty_captions", False)))
+def load_training_images(source: DataSource, config: DataConfig) -> TrainingImages:
+    """Records from the source, every image decoded once and every caption checked up-front."""
+    records = collect_records(source)
+    records, skipped = check_images(records, source.skip_broken_images)
+    check_captions(records, source.allow_empty_captions)
     upscaled = warn_small_images(records, config)
-    return TrainingImages(records, config, data_origin(args), skipped, upscaled)
+    return TrainingImages(records, config, source.origin, skipped, upscaled)

@@ -33,19 +33,20 @@ def add_arguments(parser) -> None:
 
 def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Path, resolution: int, seed: int = 0) -> Path:
     """Sample each prompt with the base pipeline and with the LoRA loaded, same noise; base row above."""
-    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
 
-    from sdxl_ambient.evaluation.report import image_grid
+    from sdxl_ambient.images import image_grid
+    from sdxl_ambient.models import lora_file
+    from sdxl_ambient.pipelines import load_pipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(str(pipeline_dir), device="cpu", dtype="float32")
 
     def row():
         g = torch.Generator().manual_seed(seed)
         return [pipe(p, num_inference_steps=10, height=resolution, width=resolution, generator=g).images[0] for p in prompts]
 
     base = row()
-    pipe.load_lora_weights(lora_dir)
+    pipe.load_lora_weights(load_file(str(lora_file(lora_dir))), use_safetensors=True)
     tuned = row()
     grid = image_grid(base + tuned, cols=len(prompts))
     grid.save(out)
@@ -55,8 +56,8 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
 def run(args) -> int:
     import yaml
 
-    from sdxl_ambient.cli import main as cli_main
-    from sdxl_ambient.evaluation.memorization import read_training_set
+    from sdxl_ambient.errors import UserError
+    from sdxl_ambient.evaluation.memorization import evaluate_models, read_training_set
     from sdxl_ambient.tiny import save_tiny_dinov2, save_tiny_pipeline
     from sdxl_ambient.train import main as train_main
 
@@ -71,19 +72,22 @@ def run(args) -> int:
         argv += ["--max_train_steps", str(args.max_train_steps)]
     if args.overwrite_output_dir:
         argv += ["--overwrite_output_dir"]
-    train_main(argv)
+    status = train_main(argv)
+    if status != 0:
+        raise UserError(f"the demo's training stopped early (exit status {status}); run the same command again "
+                        f"with --overwrite_output_dir, or resume it with sdxl-ambient train {' '.join(argv)} "
+                        "--resume_from_checkpoint latest")
     config = yaml.safe_load(demo_config().read_text())
-    prompts = [record["caption"] for record in read_training_set(demo_images())[:4]]
+    prompts = [record.caption for record in read_training_set(demo_images())[:4]]
     grid = compare_grid(pipeline_dir, lora_dir, prompts, out / "demo_grid.png", config["resolution"])
-    report = out / "memorization"
-    cli_main(["memorization", "--train_data_dir", str(demo_images()), "--model", f"base={pipeline_dir}",
-              "--model", f"ambient={pipeline_dir}:{lora_dir}", "--ambient_timestep", f"ambient={config['ambient_timestep']}",
-              "--embedder", str(save_tiny_dinov2(out / "tiny-dinov2")), "--num_images", "8", "--num_attack_images", "4",
-              "--attack_steps", "5", "--num_inference_steps", "10", "--resolution", str(config["resolution"]),
-              "--output_dir", str(report)])
+    report = evaluate_models(
+        [("base", str(pipeline_dir), None), ("ambient", str(pipeline_dir), str(lora_dir))], demo_images(),
+        out / "memorization", embedder=str(save_tiny_dinov2(out / "tiny-dinov2")),
+        truncation={"ambient": config["ambient_timestep"]}, num_images=8, num_attack_images=4, attack_steps=5,
+        resolution=config["resolution"], device="cpu", sample_kwargs={"num_inference_steps": 10})
     print(f"demo finished in {time.time() - start:.0f} s")
     print(f"  LoRA (diffusers format): {lora_dir / 'pytorch_lora_weights.safetensors'}")
     print(f"  LoRA (kohya/ComfyUI):    {lora_dir / 'pytorch_lora_weights_kohya.safetensors'}")
     print(f"  base vs LoRA samples:    {grid}")
-    print(f"  memorisation report:     {report / 'memorization.md'}")
+    print(f"  memorisation report:     {report['markdown']}")
     return 0

@@ -1,7 +1,7 @@
 """Saved settings, the model card, and Hub pushes (final folder and background checkpoint uploads).
 
-A Hub token is read from ``--hub_token``, ``HF_TOKEN`` or the stored login; it is never written into
-settings, cards or log messages."""
+A Hub token is read from ``HF_TOKEN`` or the stored login; it is never written into settings,
+cards or log messages, and neither is the secret noise seed."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from sdxl_ambient.errors import UserError, first_line
+from sdxl_ambient.files import EMA_DIR, LORA_FILES, MODEL_CARD, MODEL_INDEX, SDXL_PARTS, SETTINGS_FILE
+from sdxl_ambient.images import IMAGE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
-LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
-CARD_FILES = ("README.md", "training_settings.json")
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-CHECKPOINT_WEIGHTS = (*LORA_FILES, "unet/*", "unet_ema/*", "text_encoder/*", "text_encoder_2/*")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CARD_FILES = (MODEL_CARD, SETTINGS_FILE)
+CHECKPOINT_WEIGHTS = (*LORA_FILES, "unet/*", f"{EMA_DIR}/*", "text_encoder/*", "text_encoder_2/*")
+# Settings keys whose values never leave the machine: Hub tokens, and the noise seed that would undo the noise.
+SECRET_KEYS = ("token", "noise_seed")
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PAPER = "https://arxiv.org/abs/2404.10177"
 
@@ -29,7 +32,7 @@ PAPER = "https://arxiv.org/abs/2404.10177"
 
 
 def resolve_token(token: str | None = None) -> str | None:
-    """``--hub_token``, else ``HF_TOKEN``, else the token stored by ``hf auth login``."""
+    """``token`` (from code), else ``HF_TOKEN``, else the token stored by ``hf auth login``."""
     if token:
         return token
     if os.environ.get("HF_TOKEN"):
@@ -74,12 +77,12 @@ def _holds_secret(value, secrets: list[str]) -> bool:
 
 
 def public_settings(args) -> dict:
-    """The resolved settings without any ``*token*`` key and without any value holding a Hub token."""
+    """The settings without any ``*token*`` or noise-seed key and without any value holding a Hub token."""
     items = vars(args) if not isinstance(args, dict) else args
     secrets = _known_secrets(items.get("hub_token"))
     out = {}
     for key, value in sorted(items.items()):
-        if "token" in key.lower():
+        if any(word in key.lower() for word in SECRET_KEYS):
             continue
         value = _jsonable(value)
         if not _holds_secret(value, secrets):
@@ -87,10 +90,10 @@ def public_settings(args) -> dict:
     return out
 
 
-def write_settings(output_dir, args) -> Path:
-    path = Path(output_dir) / "training_settings.json"
+def write_settings(output_dir, settings) -> Path:
+    path = Path(output_dir) / SETTINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(public_settings(args), indent=2) + "\n")
+    path.write_text(json.dumps(public_settings(settings), indent=2) + "\n")
     return path
 
 
@@ -198,14 +201,14 @@ def final_upload_files(output_dir) -> list[str]:
     """The files a final push uploads: weights (LoRA in both formats, or the pipeline folder),
     README.md, training_settings.json and sample images. Never checkpoints, caches, logs or pickles."""
     root = Path(output_dir)
-    files = [root / n for n in (*LORA_FILES, *CARD_FILES, "model_index.json")]
-    if (root / "model_index.json").is_file():
-        for part in PIPELINE_PARTS:
+    files = [root / n for n in (*LORA_FILES, *CARD_FILES, MODEL_INDEX)]
+    if (root / MODEL_INDEX).is_file():
+        for part in SDXL_PARTS:
             files += [p for p in (root / part).rglob("*") if not p.name.endswith(UNSAFE_SUFFIXES)]
     for image in root.rglob("*"):
         rel = image.relative_to(root).parts
         if image.suffix.lower() in IMAGE_SUFFIXES and not any(_excluded_dir(d) for d in rel[:-1]) \
-                and rel[0] not in PIPELINE_PARTS:
+                and rel[0] not in SDXL_PARTS:
             files.append(image)
     return _rel(files, root)
 
@@ -233,6 +236,40 @@ def _api(api, token):
     from huggingface_hub import HfApi
 
     return HfApi(token=token)
+
+
+def prepare_repo(repo_id: str, *, private: bool = False, flag: str = "--push_to_hub", token: str | None = None,
+                 api=None) -> str:
+    """Before any work: check that a push can succeed (a token, the Hub reachable, the repo created
+    or already there in a namespace the token can write to), as diffusers' scripts create the repo
+    at the start. Returns the repo's full id; anything in the way is a one-line error naming ``flag``."""
+    token = resolve_token(token)
+    if not token:
+        raise UserError(f"{flag} needs a Hub token with write access: set HF_TOKEN or run `hf auth login`")
+    try:
+        repo = _api(api, token).create_repo(repo_id=repo_id, private=private, exist_ok=True, token=token)
+    except OSError as err:  # offline, unreachable, no rights to the namespace (HTTP errors are OSErrors)
+        raise UserError(_redact(f"{flag}: cannot create or reach the Hub repo {repo_id!r} ({type(err).__name__}: "
+                                f"{first_line(err)}); check the network, the token's write access and --hub_model_id",
+                                _known_secrets(token))) from None
+    return getattr(repo, "repo_id", None) or repo_id
+
+
+def default_repo_id(hub_model_id: str | None, output_dir) -> str:
+    """The repo a run pushes to: --hub_model_id, else the output folder's name (as in diffusers' scripts)."""
+    return hub_model_id or Path(output_dir).name
+
+
+def try_push_final(output_dir, repo_id: str, *, private: bool = False, token: str | None = None, api=None) -> str | None:
+    """:func:`push_final`; when it fails (network, Hub) nothing local is touched and the returned
+    one-line message says where the files are and how to push them later. None when pushed."""
+    try:
+        push_final(output_dir, repo_id, token=token, private=private, api=api)
+    except OSError as err:
+        return _redact(f"training finished and its weights are in {output_dir}, but the push to the Hub repo {repo_id!r} "
+                       f"failed ({type(err).__name__}: {first_line(err)}); push them later with "
+                       f"`sdxl-ambient push --output_dir {output_dir} --hub_model_id {repo_id}`", _known_secrets(token))
+    return None
 
 
 def push_final(output_dir, repo_id: str, *, token: str | None = None, private: bool = False, api=None):

@@ -34,7 +34,6 @@ from collections.abc import Mapping
 
 import torch
 
-DIFFUSERS_PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 # SDXL-base UNet layout (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json).

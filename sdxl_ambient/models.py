@@ -11,16 +11,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .lora_formats import diffusers_to_kohya, text_encoder_module_path
+from sdxl_ambient.errors import UserError
+from sdxl_ambient.files import EMA_DIR, EMA_STATE, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, MODEL_INDEX, SDXL_PARTS
+from sdxl_ambient.lora_formats import diffusers_to_kohya, text_encoder_module_path
 
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 UNET_ATTENTION_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-EMA_DIR, EMA_STATE = "unet_ema", "ema_state.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -34,6 +32,21 @@ class SDXLComponents:
     noise_scheduler: Any
     model_id: str
     vae_id: str | None = None
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``--device``, default cuda when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``--dtype``: ``auto`` is float16 on a GPU, float32 on the CPU."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -51,38 +64,38 @@ def _read_model_index(name: str, revision: str | None) -> dict:
     local = Path(name).expanduser()
     if local.exists() or _looks_local(name):
         if not local.is_dir():
-            raise FileNotFoundError(f"{flag} {name}: no such folder")
-        if not (local / "model_index.json").is_file():
-            raise ValueError(f"{flag} {name}: no model_index.json, not a diffusers pipeline folder")
+            raise UserError(f"{flag} {name}: no such folder")
+        if not (local / MODEL_INDEX).is_file():
+            raise UserError(f"{flag} {name}: no {MODEL_INDEX}, not a diffusers pipeline folder")
     try:
         index = DiffusionPipeline.load_config(str(local) if local.is_dir() else name, revision=revision)
     except Exception as exc:  # Hub id that cannot be resolved (offline, typo, gated)
-        raise ValueError(f"{flag} {name}: cannot read model_index.json ({type(exc).__name__}: {exc})") from exc
+        raise UserError(f"{flag} {name}: cannot read {MODEL_INDEX} ({type(exc).__name__}: {exc})") from None
     cls = index.get("_class_name")
     if cls not in SDXL_PIPELINE_CLASSES:
-        raise ValueError(f"{flag} {name}: a {cls} pipeline, not Stable Diffusion XL (StableDiffusionXLPipeline)")
+        raise UserError(f"{flag} {name}: a {cls} pipeline, not Stable Diffusion XL (StableDiffusionXLPipeline)")
     missing = [part for part in SDXL_PARTS if not index.get(part) or index[part][0] is None]
     if missing:
-        raise ValueError(f"{flag} {name}: not an SDXL base pipeline, missing {', '.join(missing)}")
+        raise UserError(f"{flag} {name}: not an SDXL base pipeline, missing {', '.join(missing)}")
     if local.is_dir():
         absent = [part for part in SDXL_PARTS if not (local / part).is_dir()]
         if absent:
-            raise ValueError(f"{flag} {name}: missing sub-folder(s) {', '.join(absent)}")
+            raise UserError(f"{flag} {name}: missing sub-folder(s) {', '.join(absent)}")
     return index
 
 
-def _vae_source(vae_path: str) -> dict:
+def vae_source(vae_path: str) -> dict:
     """from_pretrained arguments for --pretrained_vae_model_name_or_path (a VAE folder, a pipeline folder, or a Hub id)."""
     flag = "--pretrained_vae_model_name_or_path"
     local = Path(vae_path).expanduser()
     if local.exists() or _looks_local(vae_path):
         if not local.is_dir():
-            raise FileNotFoundError(f"{flag} {vae_path}: no such folder")
+            raise UserError(f"{flag} {vae_path}: no such folder")
         if (local / "config.json").is_file():
             return {"pretrained_model_name_or_path": str(local)}
         if (local / "vae" / "config.json").is_file():
             return {"pretrained_model_name_or_path": str(local), "subfolder": "vae"}
-        raise ValueError(f"{flag} {vae_path}: no config.json (nor vae/config.json), not a diffusers AutoencoderKL")
+        raise UserError(f"{flag} {vae_path}: no config.json (nor vae/config.json), not a diffusers AutoencoderKL")
     return {"pretrained_model_name_or_path": vae_path}
 
 
@@ -112,7 +125,7 @@ def load_components(
     common = dict(revision=revision)
     weights = dict(common, variant=variant, use_safetensors=True)
     vae_id = pretrained_vae_model_name_or_path
-    vae_kwargs = {**_vae_source(vae_id), "use_safetensors": True} if vae_id else \
+    vae_kwargs = {**vae_source(vae_id), "use_safetensors": True} if vae_id else \
         {"pretrained_model_name_or_path": name, "subfolder": "vae", **weights}
     components = SDXLComponents(
         tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer", use_fast=False, **common),
@@ -136,8 +149,6 @@ def load_components(
 def _add_lora(model, rank: int, alpha: float | None, dropout: float, target_modules: Iterable[str]) -> list[torch.nn.Parameter]:
     from peft import LoraConfig
 
-    if rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {rank}")
     config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
@@ -161,15 +172,6 @@ def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None,
                           target_modules: Iterable[str] = TEXT_ENCODER_ATTENTION_TARGETS) -> list[torch.nn.Parameter]:
     """Add a peft LoRA adapter to a CLIP text encoder's attention projections; returns its parameters."""
     return _add_lora(text_encoder, rank, alpha, 0.0, target_modules)
-
-
-def text_embeddings(text_encoder, text_encoder_2, ids_one, ids_two) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's prompt encoding from token ids: prompt_embeds = concat of both encoders' penultimate
-    hidden states (B, 77, D1 + D2); pooled = text_encoder_2's projected output (B, P)."""
-    device = next(text_encoder.parameters()).device  # also for a DDP-wrapped encoder, which has no .device
-    out_one = text_encoder(ids_one.to(device), output_hidden_states=True)
-    out_two = text_encoder_2(ids_two.to(device), output_hidden_states=True)
-    return torch.cat([out_one.hidden_states[-2], out_two.hidden_states[-2]], dim=-1), out_two[0]
 
 
 def cast_training_params(models, dtype: torch.dtype = torch.float32) -> None:
@@ -244,13 +246,22 @@ def save_lora(output_dir, unet=None, text_encoder=None, text_encoder_2=None,
     return [output_dir / LORA_WEIGHT_NAME, output_dir / KOHYA_WEIGHT_NAME]
 
 
-def _lora_file(lora_path) -> Path:
-    path = Path(lora_path)
+def lora_file(path, flag: str = "--lora_path") -> Path:
+    """The LoRA safetensors file: ``path`` itself, or in a folder its ``pytorch_lora_weights.safetensors``
+    (or its only ``.safetensors`` file)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UserError(f"{flag} {path}: only .safetensors LoRA files are loaded")
+        return path
     if path.is_dir():
-        path = path / LORA_WEIGHT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no LoRA weights at {path}")
-    return path
+        if (path / LORA_WEIGHT_NAME).is_file():
+            return path / LORA_WEIGHT_NAME
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise UserError(f"{flag} {path}: expected {LORA_WEIGHT_NAME} or exactly one .safetensors file, found {len(found)}")
+    raise UserError(f"{flag} {path}: no such file or folder")
 
 
 def _set_lora(model, state: dict[str, torch.Tensor], component: str, path: Path) -> None:
@@ -265,26 +276,26 @@ def _set_lora(model, state: dict[str, torch.Tensor], component: str, path: Path)
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
-        raise ValueError(f"{path}: {component} LoRA keys that match no adapter layer: {unexpected[:3]}")
+        raise UserError(f"{path}: {component} LoRA keys that match no adapter layer: {unexpected[:3]}")
     expected = {n for n, _ in model.named_parameters() if ".lora_" in n}
     loaded = {k.removesuffix(".weight") + ".default.weight" for k in state}
     if expected - loaded:
-        raise ValueError(f"{path}: {component} adapter layers missing from the file: {sorted(expected - loaded)[:3]}")
+        raise UserError(f"{path}: {component} adapter layers missing from the file: {sorted(expected - loaded)[:3]}")
 
 
 def load_lora_into(unet, text_encoder, text_encoder_2, lora_path) -> None:
     """Load our diffusers-format LoRA file (or a folder holding it) into peft-wrapped models, exactly."""
-    path = _lora_file(lora_path)
+    path = Path(lora_path) / LORA_WEIGHT_NAME if Path(lora_path).is_dir() else Path(lora_path)
     state = load_file(str(path))
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     for component, model in models.items():
         part = {k[len(component) + 1:]: v for k, v in state.items() if k.startswith(f"{component}.")}
         if model is None and part:
-            raise ValueError(f"{path} has {component} LoRA weights but no {component} adapter to load them into "
+            raise UserError(f"{path} has {component} LoRA weights but no {component} adapter to load them into "
                              "(resume with the same --train_text_encoder setting)")
         if model is not None:
             if not part:
-                raise ValueError(f"{path} has no {component} LoRA weights")
+                raise UserError(f"{path} has no {component} LoRA weights")
             _set_lora(model, part, component, path)
 
 
@@ -363,7 +374,7 @@ def load_ema(directory, ema_unet, unet) -> None:
     tensors = load_file(str(directory / "diffusion_pytorch_model.safetensors"))
     names = _ema_names(ema_unet, unet)
     if set(names) != set(tensors):
-        raise ValueError(f"{directory}: EMA tensors do not match this run's EMA ({len(tensors)} saved, {len(names)} now)")
+        raise UserError(f"{directory}: EMA tensors do not match this run's EMA ({len(tensors)} saved, {len(names)} now)")
     state = json.loads((directory / EMA_STATE).read_text())
     state["shadow_params"] = [tensors[n].to(old.device) for n, old in zip(names, ema_unet.shadow_params)]
     ema_unet.load_state_dict(state)

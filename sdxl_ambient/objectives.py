@@ -16,9 +16,11 @@ the model agree with its own reverse process.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from sdxl_ambient.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("epsilon", "observation")
@@ -28,6 +30,13 @@ DEFAULT_WEIGHT_CAP = 64.0
 
 # denoiser(x_t, t) -> prediction of x0 (same shape as x_t). See ``consistency_loss``.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_ambient_timestep(ambient_timestep: int, num_train_timesteps: int = 1000) -> None:
+    """t_n must be a timestep of the schedule: 0 (clean) <= t_n < T."""
+    if not 0 <= ambient_timestep < num_train_timesteps:
+        raise UserError(f"--ambient_timestep {ambient_timestep} must be in [0, {num_train_timesteps}) "
+                        "(0 = clean data, else the scheduler timestep of the data's noise level)")
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,13 @@ denoises with deterministic DDIM on integer timesteps; its one-step case is the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
+from sdxl_ambient.images import center_crop_resize, open_image
 from sdxl_ambient.objectives import Denoiser, add_noise, model_output_from_x0, x0_from_model_output
 
 # Training timesteps above t_n at which truncated sampling takes its final Tweedie jump
@@ -175,12 +176,10 @@ def decode_latents(pipe, latents: torch.Tensor) -> list:
 
 @torch.no_grad()
 def encode_images(pipe, images: Sequence, resolution: int) -> torch.Tensor:
-    """Scaled latents z = scaling_factor * mode(VAE encoder) of PIL images, center-cropped to a
-    ``resolution`` square."""
-    from sdxl_ambient.evaluation.features import center_crop_resize
-
+    """Scaled latents z = scaling_factor * mode(VAE encoder) of images (paths, bytes or PIL images,
+    read as training reads them: :func:`images.open_image`), center-cropped to a ``resolution`` square."""
     vae = pipe.vae
-    pixels = pipe.image_processor.preprocess([center_crop_resize(im, resolution) for im in images])
+    pixels = pipe.image_processor.preprocess([center_crop_resize(open_image(im), resolution) for im in images])
     with _vae_upcast(vae) as dtype:
         z = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mode().float()
     stats = _vae_latent_stats(vae, z)
@@ -238,6 +237,20 @@ def sample(pipe, prompts: Sequence[str], *, ambient_timestep: int = 0, jump_marg
                                    cond.prompt_embeds.dtype, device, generator)
     x0 = truncated_denoise(pipe, cond, latents, timesteps, generator)
     return decode_latents(pipe, x0)
+
+
+def generate_images(pipe, prompts: list[str], *, num_images_per_prompt: int = 1, batch_size: int = 4, seed: int = 0,
+                    resolution: int | None = None, **sample_kwargs) -> tuple[list, list[str]]:
+    """Images and their prompts, ``batch_size`` prompts at a time, from one generator seeded once
+    (``sample``'s keyword arguments pass through)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    images, captions = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        images += sample(pipe, chunk, generator=generator, height=resolution, width=resolution,
+                         num_images_per_prompt=num_images_per_prompt, **sample_kwargs)
+        captions += [p for p in chunk for _ in range(num_images_per_prompt)]
+    return images, captions
 
 
 def noise_to(latents: torch.Tensor, timestep: int, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

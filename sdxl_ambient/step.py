@@ -10,14 +10,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from sdxl_ambient.errors import UserError
 from sdxl_ambient.objectives import (
     DEFAULT_WEIGHT_CAP,
+    WEIGHTINGS,
     ambient_tweedie_loss,
+    check_ambient_timestep,
     consistency_loss,
     draw_timesteps,
     renoise,
@@ -120,3 +123,58 @@ class AmbientObjective:
                                 max_delta=self.consistency_max_delta, weight=weight, anchor_grad=False,
                                 one_sided=self.consistency_one_sided, generator=generator)
         return term if k == b else torch.cat([term, term.new_zeros(b - k)])
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """The objective as the flags give it; ``None`` means "the default for this run", which
+    :meth:`build` resolves once t_n and the noise schedule are known."""
+
+    weighting: str = "epsilon"
+    weight_cap: float | None = None  # None: DEFAULT_WEIGHT_CAP
+    consistency_weight: float = 0.0
+    consistency_steps: int = 1
+    consistency_max_delta: int | None = None  # None: t_n
+    consistency_start_step: int = 0
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"--loss_weighting {self.weighting!r} must be one of {', '.join(WEIGHTINGS)}")
+        if self.weight_cap is not None and not self.weight_cap >= 1:
+            raise UserError(f"--loss_weight_cap {self.weight_cap} must be >= 1: it caps the weight relative to SNR(t) "
+                            "(1 = the plain epsilon-loss weight; leave it out for the default)")
+        if not self.consistency_weight >= 0:
+            raise UserError(f"--consistency_weight {self.consistency_weight} must be >= 0")
+        for flag, value in (("consistency_steps", self.consistency_steps), ("consistency_max_delta", self.consistency_max_delta)):
+            if value is not None and value < 1:
+                raise UserError(f"--{flag} {value} must be >= 1")
+        if self.consistency_start_step < 0:
+            raise UserError(f"--consistency_start_step {self.consistency_start_step} must be >= 0")
+
+    def check_timestep(self, ambient_timestep: int, num_train_timesteps: int = 1000) -> None:
+        """t_n must lie on the schedule, and the consistency term needs noisy data."""
+        check_ambient_timestep(ambient_timestep, num_train_timesteps)
+        if self.consistency_weight > 0 and ambient_timestep == 0:
+            raise UserError("--consistency_weight > 0 needs data with noise (--ambient_timestep > 0): "
+                            "consistency teaches the timesteps below t_n")
+
+    def resolved(self, ambient_timestep: int) -> dict:
+        """The values this run trains with, defaults filled in."""
+        return {"loss_weighting": self.weighting,
+                "loss_weight_cap": DEFAULT_WEIGHT_CAP if self.weight_cap is None else self.weight_cap,
+                "consistency_weight": self.consistency_weight, "consistency_steps": self.consistency_steps,
+                "consistency_max_delta": self.consistency_max_delta or max(ambient_timestep, 1),
+                "consistency_start_step": self.consistency_start_step}
+
+    def build(self, ambient_timestep: int, noise_scheduler, device=None) -> AmbientObjective:
+        """The objective for data at t_n on this noise schedule (checked first)."""
+        num_timesteps = noise_scheduler.config.num_train_timesteps
+        self.check_timestep(ambient_timestep, num_timesteps)
+        r = self.resolved(ambient_timestep)
+        return AmbientObjective(
+            alphas_cumprod=noise_scheduler.alphas_cumprod.to(device),
+            prediction_type=noise_scheduler.config.prediction_type,
+            weighting=r["loss_weighting"], weight_cap=r["loss_weight_cap"],
+            consistency_weight=r["consistency_weight"], consistency_steps=r["consistency_steps"],
+            consistency_max_delta=r["consistency_max_delta"], num_train_timesteps=num_timesteps,
+        )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from sdxl_ambient.files import MODEL_INDEX
+
 SDXL_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -122,7 +124,7 @@ def build_tiny_pipeline(seed: int = 0, workdir: str | os.PathLike | None = None)
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder (safetensors weights)."""
     path = Path(path)
-    if (path / "model_index.json").exists():
+    if (path / MODEL_INDEX).exists():
         return path
     pipe = build_tiny_pipeline(seed, workdir=path.parent)
     pipe.save_pretrained(path, safe_serialization=True)

@@ -7,13 +7,26 @@ The prompts are encoded once at start-up, so the text encoders need not stay on 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sdxl_ambient.evaluation.report import image_grid
+from sdxl_ambient.files import SAMPLES_DIR, VALIDATION_DIR
+from sdxl_ambient.images import image_grid
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What to sample during training and how often."""
+
+    prompt: str
+    num_images: int = 4
+    every_steps: int = 500
+    inference_steps: int = 25
+    resolution: int = 1024
 
 
 def _pipeline(components, unet, with_text_encoders: bool = False):
@@ -29,41 +42,43 @@ def _pipeline(components, unet, with_text_encoders: bool = False):
 
 
 @torch.no_grad()
-def encode_prompts(components, args) -> dict:
+def encode_prompts(components, settings: ValidationSettings) -> dict:
     """The validation prompt's embeddings (and the negative, empty prompt's)."""
     pipe = _pipeline(components, components.unet, with_text_encoders=True)
-    pe, neg, pooled, neg_pooled = pipe.encode_prompt(args.validation_prompt, device=components.text_encoder.device,
+    pe, neg, pooled, neg_pooled = pipe.encode_prompt(settings.prompt, device=components.text_encoder.device,
                                                      num_images_per_prompt=1, do_classifier_free_guidance=True)
     return {"prompt_embeds": pe, "negative_prompt_embeds": neg,
             "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": neg_pooled}
 
 
 @torch.no_grad()
-def sample_images(components, unet, args, prompts: dict, accelerator, weight_dtype, num_images: int):
-    unet_module = accelerator.unwrap_model(unet)
+def sample_images(components, settings: ValidationSettings, prompts: dict, accelerator, weight_dtype, seed: int):
+    """``settings.num_images`` images of the validation prompt with the UNet being trained."""
+    unet_module = accelerator.unwrap_model(components.unet)
     was_training = unet_module.training
     unet_module.eval()
     pipe = _pipeline(components, unet_module)
     pipe.set_progress_bar_config(disable=True)
     device = accelerator.device
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     embeds = {k: v.to(device=device, dtype=weight_dtype) for k, v in prompts.items()}
     images = []
     with accelerator.autocast():
-        for _ in range(num_images):
-            images += pipe(**embeds, num_inference_steps=args.validation_inference_steps, generator=generator,
-                           height=args.resolution, width=args.resolution).images
+        for _ in range(settings.num_images):
+            images += pipe(**embeds, num_inference_steps=settings.inference_steps, generator=generator,
+                           height=settings.resolution, width=settings.resolution).images
     if was_training:
         unet_module.train()
     return images
 
 
-def log_validation(components, accelerator, args, prompts, step: int, weight_dtype) -> Path:
-    """Sample ``num_validation_images``, log them to every tracker and save ``validation/step-N.png``."""
+def log_validation(components, settings: ValidationSettings, prompts, accelerator, weight_dtype, seed: int,
+                   step: int, output_dir) -> Path:
+    """Sample the validation images, log them to every tracker and save ``validation/step-N.png``."""
     import numpy as np
 
-    images = sample_images(components, components.unet, args, prompts, accelerator, weight_dtype, args.num_validation_images)
-    out = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
+    images = sample_images(components, settings, prompts, accelerator, weight_dtype, seed)
+    out = Path(output_dir) / VALIDATION_DIR / f"step-{step:06d}.png"
     if accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, cols=min(len(images), 4)).save(out)
@@ -73,15 +88,16 @@ def log_validation(components, accelerator, args, prompts, step: int, weight_dty
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log({"validation": [wandb.Image(im, caption=args.validation_prompt) for im in images]}, step=step)
+                tracker.log({"validation": [wandb.Image(im, caption=settings.prompt) for im in images]}, step=step)
     logger.info("validation images for step %d in %s", step, out)
     return out
 
 
-def final_images(components, accelerator, args, prompts, weight_dtype) -> list[Path]:
+def final_images(components, settings: ValidationSettings, prompts, accelerator, weight_dtype, seed: int,
+                 output_dir) -> list[Path]:
     """Sample images with the final weights into OUTPUT_DIR/samples for the model card."""
-    images = sample_images(components, components.unet, args, prompts, accelerator, weight_dtype, args.num_validation_images)
-    folder = Path(args.output_dir) / "samples"
+    images = sample_images(components, settings, prompts, accelerator, weight_dtype, seed)
+    folder = Path(output_dir) / SAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(images):

@@ -1,6 +1,6 @@
-"""Shared fixtures: one torch thread per process, a tiny SDXL-shaped pipeline, a folder of real images."""
+"""Shared fixtures: one torch thread per process, a tiny SDXL-shaped pipeline, a folder of real images.
+Helpers that are not fixtures live in the ``helpers`` package beside this file."""
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,9 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(1)
+from helpers import DEMO_IMAGES
 
-DEMO_IMAGES = Path(__file__).resolve().parents[1] / "sdxl_ambient" / "assets" / "demo_images"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,3 @@ def image_folder(tmp_path) -> Path:
     dest = tmp_path / "images"
     shutil.copytree(DEMO_IMAGES, dest, ignore=shutil.ignore_patterns("*.txt"))
     return dest
-
-
-def read_metadata(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]

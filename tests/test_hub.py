@@ -1,4 +1,5 @@
-"""Settings without tokens, the model card, upload file lists and pushes through a recording fake HfApi."""
+"""Settings without tokens, the model card, upload file lists and pushes through a recording fake HfApi;
+--push_to_hub checked at the start of a run, a failed final push that keeps the weights, `sdxl-ambient push`."""
 
 import json
 import logging
@@ -10,7 +11,11 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
+from helpers import assert_one_line_error
+from helpers.training import LORA_FILE, lora_weights, run_inprocess, tiny_args
 from sdxl_ambient import hub
+from sdxl_ambient.cli import main
+from sdxl_ambient.errors import UserError
 
 SECRET = "hf_SeCrEtToKeN1234567890"
 
@@ -19,15 +24,19 @@ class FakeApi:
     """Records create_repo / create_branch / upload_folder; upload_folder resolves allow_patterns the way
     huggingface_hub does and keeps the uploaded files' bytes."""
 
-    def __init__(self, fail_with: str | None = None):
+    def __init__(self, fail_with: str | None = None, create_error: Exception | None = None,
+                 upload_error: Exception | None = None, namespace: str | None = None):
         self.calls, self.uploaded = [], []
-        self.fail_with = fail_with
+        self.fail_with, self.create_error, self.upload_error, self.namespace = fail_with, create_error, upload_error, namespace
         self.gate = threading.Event()
         self.gate.set()
 
     def create_repo(self, **kwargs):
         self.calls.append(("create_repo", kwargs))
-        return SimpleNamespace(repo_id=kwargs["repo_id"])
+        if self.create_error:
+            raise self.create_error
+        repo_id = kwargs["repo_id"]
+        return SimpleNamespace(repo_id=f"{self.namespace}/{repo_id}" if self.namespace and "/" not in repo_id else repo_id)
 
     def create_branch(self, **kwargs):
         self.calls.append(("create_branch", kwargs))
@@ -37,6 +46,8 @@ class FakeApi:
         self.calls.append(("upload_folder", kwargs))
         if self.fail_with:
             raise RuntimeError(self.fail_with)
+        if self.upload_error:
+            raise self.upload_error
         root = Path(kwargs["folder_path"])
         every = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
         files = sorted(filter_repo_objects(every, allow_patterns=kwargs["allow_patterns"]))
@@ -196,3 +207,86 @@ def test_checkpoint_pusher_branch_mode_and_errors(tmp_path, caplog):
     assert SECRET not in errors[0] and SECRET not in caplog.text
     with pytest.raises(ValueError, match="mode"):
         hub.CheckpointPusher("me/m", api=api, mode="tags")
+
+
+# ----------------------------------------------------------------------------- --push_to_hub in a training run
+
+
+def _use_api(monkeypatch, api: FakeApi) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None, **kwargs: api)
+
+
+def _record_model_loading(monkeypatch, events: list) -> None:
+    from sdxl_ambient import models
+
+    real = models.load_components
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: events.append("model loaded") or real(*a, **k))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("offline", "OfflineModeIsEnabled"),
+    ("no_token", "needs a Hub token with write access: set HF_TOKEN"),
+    ("no_rights", "403 Forbidden"),
+])
+def test_push_to_hub_is_checked_before_any_model_loads(case, fragment, monkeypatch, tmp_path, tiny_pipeline_dir, image_folder):
+    """Offline, without a token, or without the right to create the repo: the run stops at the start with one
+    line naming --push_to_hub (no model loaded, nothing written, the token nowhere in the message)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    if case == "offline":  # the real client, as a user offline has it
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    elif case == "no_token":
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    else:  # the Hub answers 403 (an HfHubHTTPError, which is an OSError)
+        _use_api(monkeypatch, FakeApi(create_error=PermissionError(f"403 Forbidden: no rights to namespace 'other' ({SECRET})")))
+    events = []
+    _record_model_loading(monkeypatch, events)
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as err:
+        run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--push_to_hub", "--hub_model_id", "other/repo"))
+    message = str(err.value)
+    assert message.startswith("--push_to_hub") and fragment in message and "\n" not in message
+    assert SECRET not in message
+    assert events == [] and not out.exists()
+
+
+def test_a_failed_final_push_keeps_the_weights_and_says_how_to_push_them(monkeypatch, capsys, tmp_path, tiny_pipeline_dir,
+                                                                          image_folder):
+    """The repo is created before any model loads; when the final upload fails the weights, card and settings stay,
+    the run ends with one line naming `sdxl-ambient push`, and that command uploads what the run would have."""
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    offline = FakeApi(upload_error=ConnectionError("Connection reset by peer"), namespace="me")
+    _use_api(monkeypatch, offline)
+    events = []
+    _record_model_loading(monkeypatch, events)
+    real_create = offline.create_repo
+    monkeypatch.setattr(offline, "create_repo", lambda **kw: events.append("repo created") or real_create(**kw))
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as err:
+        run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--push_to_hub", steps=2))
+    assert events[:2] == ["repo created", "model loaded"]
+    assert f"`sdxl-ambient push --output_dir {out} --hub_model_id me/out`" in str(err.value)
+    assert "Connection reset by peer" in str(err.value) and "\n" not in str(err.value)
+    weights = lora_weights(out)
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())  # trained and kept
+    assert "pipe.load_lora_weights('me/out')" in (out / "README.md").read_text()
+
+    online = FakeApi(namespace="me")
+    _use_api(monkeypatch, online)
+    assert main(["push", "--output_dir", str(out)]) == 0
+    assert "pushed" in capsys.readouterr().out
+    (upload,) = online.uploaded
+    assert online.calls[-1][1]["repo_id"] == "me/out"
+    assert sorted(upload) == hub.final_upload_files(out) and LORA_FILE in upload
+    assert all(upload[name] == (out / name).read_bytes() for name in upload)
+
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(capsys, main(["push", "--output_dir", str(tmp_path / "empty")]), "--output_dir", "no finished weights")

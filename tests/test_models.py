@@ -74,7 +74,7 @@ def test_separate_vae_path(tiny_pipeline_dir):
 
 
 def test_bad_paths_name_the_flag(tmp_path, tiny_pipeline_dir):
-    with pytest.raises(FileNotFoundError, match="--pretrained_model_name_or_path ./nope"):
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path ./nope"):
         models.load_components("./nope")
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path.*model_index.json"):
         models.load_components(str(tmp_path))
@@ -90,7 +90,7 @@ def test_bad_paths_name_the_flag(tmp_path, tiny_pipeline_dir):
     (no_te2 / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path.*text_encoder_2"):
         models.load_components(str(no_te2))
-    with pytest.raises(FileNotFoundError, match="--pretrained_vae_model_name_or_path ./no-vae"):
+    with pytest.raises(ValueError, match="--pretrained_vae_model_name_or_path ./no-vae"):
         models.load_components(str(tiny_pipeline_dir), pretrained_vae_model_name_or_path="./no-vae")
 
 

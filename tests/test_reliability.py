@@ -1,6 +1,6 @@
 """Each reliability and safety guard, provoked: kills at random moments, half-written saves, planted
 NaNs, a Hub token that must leak nowhere, an output folder that must not be overwritten, contradictory
-flags, and a scan of the sources for unsafe loading."""
+flags. (The scan of the sources for unsafe loading is tests/test_safe_loading.py.)"""
 
 import json
 import logging
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainrun import LORA_FILE, ROOT, launch_command, lora_weights, run_inprocess, subprocess_env, tiny_args
 
+from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
+from helpers.training import LORA_FILE, launch_command, lora_weights, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
 
 STEPS = 42  # not a multiple of the 4 steps per epoch (8 images, batch 2): the last epoch is partial
@@ -46,8 +47,6 @@ def _assert_loadable(checkpoint: Path) -> int:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_pipeline_dir):
     """The reference: one run of STEPS steps with a checkpoint every 2 steps, never interrupted."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path_factory.mktemp("reference") / "out"
     assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, steps=STEPS)) == 0
     return out
@@ -109,12 +108,11 @@ def _interrupt(args, out: Path, log: Path, moment: str, delay: float, signum: in
     return alive
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_killed_at_random_moments_then_resumed_equals_uninterrupted_run(uninterrupted, tmp_path, tiny_pipeline_dir):
     """kill -9 (twice at random moments, once in the middle of a save) and a SIGTERM, each followed by
     `--resume_from_checkpoint latest`: the final LoRA is bit-identical to the uninterrupted run's, and
     `latest` is always a complete, loadable checkpoint."""
-    from conftest import DEMO_IMAGES
-
     rng = random.Random(20240410)
     out = tmp_path / "out"
     args = tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, *CHAIN_ARGS, "--resume_from_checkpoint", "latest", steps=STEPS)
@@ -140,8 +138,6 @@ def test_half_written_save_is_never_resumed_from(uninterrupted, tmp_path, tiny_p
     """A kill in the middle of a save leaves a `.tmp-checkpoint-N` (partial) or, with a non-atomic writer,
     a `checkpoint-N` without its trainer state: `latest` skips both and the resumed run ends as the
     uninterrupted one did."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     for name in (LORA_FILE, "pytorch_lora_weights_kohya.safetensors", "README.md"):
@@ -170,8 +166,6 @@ def test_half_written_save_is_never_resumed_from(uninterrupted, tmp_path, tiny_p
 def test_resume_from_the_final_checkpoint_takes_no_extra_step(uninterrupted, tmp_path, tiny_pipeline_dir):
     """Killed after the last checkpoint but before the final weights were written: resuming finishes
     without training past --max_train_steps."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     (out / LORA_FILE).unlink()
@@ -199,6 +193,48 @@ def test_a_kill_while_old_checkpoints_are_deleted_leaves_no_partial_checkpoint(m
     complete = checkpointing.list_checkpoints(tmp_path)
     assert [p.name for p in complete] == ["checkpoint-4", "checkpoint-6"]
     assert all((p / LORA_FILE).is_file() for p in complete)
+
+
+@pytest.mark.parametrize("moment", ["deleting the old copy", "renaming the new copy in"])
+def test_a_kill_while_a_checkpoint_is_resaved_leaves_no_partial_checkpoint(moment, monkeypatch, tmp_path):
+    """A second save of the same step (a stop right after a checkpoint) replaces checkpoint-N. A kill while the old
+    copy is deleted, or before the new one is renamed in, leaves every `checkpoint-N` complete (the old copy, or
+    none and `latest` the one before), and the next save completes it."""
+    generator = torch.Generator()
+    for step in (2, 4):
+        checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, step, {"global_step": step}, generator)
+    real_rmtree, real_replace = shutil.rmtree, os.replace
+
+    def killed_while_deleting(path, ignore_errors=False):
+        if (Path(path) / "optimizer.bin").is_file():  # a saved checkpoint being deleted: die half-way
+            (Path(path) / "optimizer.bin").unlink()
+            raise KeyboardInterrupt("killed")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    def killed_before_renaming(src, dst):
+        if Path(dst).name == "checkpoint-4":
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    if moment == "deleting the old copy":
+        monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_while_deleting)
+    else:
+        monkeypatch.setattr(checkpointing.os, "replace", killed_before_renaming)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, 4, {"global_step": 4, "saved": "again"}, generator)
+    monkeypatch.undo()
+
+    def complete(folder: Path) -> bool:
+        return (folder / "optimizer.bin").read_bytes() == b"state" and (folder / "rng-0.safetensors").is_file() \
+            and json.loads((folder / checkpointing.STATE_FILE).read_text())["global_step"] == _step(folder)
+
+    left = checkpointing.list_checkpoints(tmp_path)
+    assert left and all(complete(p) for p in left), [sorted(q.name for q in p.iterdir()) for p in left]
+    assert checkpointing.resolve_checkpoint("latest", tmp_path) == left[-1]
+    checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, 4, {"global_step": 4, "saved": "again"}, generator)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((tmp_path / "checkpoint-4" / checkpointing.STATE_FILE).read_text())["saved"] == "again"
+    assert complete(tmp_path / "checkpoint-4") and not list(tmp_path.glob(".tmp-*"))
 
 
 # ----------------------------------------------------------------------------- non-finite losses
@@ -398,48 +434,7 @@ def test_shipped_training_configs_parse_offline(monkeypatch, config):
     assert args.resolution % 8 == 0
 
 
-# ----------------------------------------------------------------------------- nothing unsafe in the sources
-
-UNSAFE = {
-    "trust_remote_code=True": re.compile(r"trust_remote_code\s*=\s*True"),
-    "pickle.load": re.compile(r"\b(c?pickle|dill|joblib)\.loads?\("),
-    "use_safetensors=False": re.compile(r"use_safetensors\s*=\s*False"),
-    "torch.jit.load": re.compile(r"torch\.jit\.load\("),
-}
-
-
-def _call_text(source: str, start: int) -> str:
-    """The text of the call whose opening parenthesis is at ``start`` (nested parentheses balanced)."""
-    depth = 0
-    for i in range(start, len(source)):
-        depth += {"(": 1, ")": -1}.get(source[i], 0)
-        if depth == 0:
-            return source[start:i + 1]
-    return source[start:]
-
-
-def unsafe_uses(source: str) -> list[str]:
-    found = [name for name, pattern in UNSAFE.items() if pattern.search(source)]
-    for match in re.finditer(r"torch\.load\(", source):
-        if not re.search(r"weights_only\s*=\s*True", _call_text(source, match.end() - 1)):
-            found.append("torch.load without weights_only=True")
-    return found
-
-
-def test_the_scan_finds_unsafe_loading():
-    assert unsafe_uses("sd = torch.load(f, map_location=dict(a=1))") == ["torch.load without weights_only=True"]
-    assert unsafe_uses("sd = torch.load(f, map_location=dict(a=1), weights_only=True)") == []
-    assert unsafe_uses("AutoModel.from_pretrained(x, trust_remote_code=True)") == ["trust_remote_code=True"]
-    assert unsafe_uses("obj = pickle.load(fh)") == ["pickle.load"]
-
-
-def test_sources_load_weights_safely():
-    sources = sorted((ROOT / "sdxl_ambient").rglob("*.py")) + [ROOT / "train_sdxl_ambient.py"]
-    assert len(sources) > 10
-    found = {str(p.relative_to(ROOT)): uses for p in sources if (uses := unsafe_uses(p.read_text()))}
-    assert found == {}
-
-
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_sigterm_to_two_processes_stops_both_at_one_checkpoint(tmp_path, tiny_pipeline_dir, image_folder):
     """Preemption of a two-process run: the processes agree on the step, save it together and exit,
     instead of one saving while the other waits in a gradient all-reduce."""
@@ -464,3 +459,91 @@ def test_sigterm_to_two_processes_stops_both_at_one_checkpoint(tmp_path, tiny_pi
     assert len(steps) == 1
     (saved,) = checkpointing.list_checkpoints(out)
     assert saved.name == f"checkpoint-{steps.pop()}"
+
+
+# ----------------------------------------------------------------------------- the cache's noise stays secret
+
+
+def _without_seed(args: list[str]) -> list[str]:
+    i = args.index("--seed")
+    return args[:i] + args[i + 2:]
+
+
+def test_the_training_seed_does_not_reveal_the_cache_noise(monkeypatch, tmp_path, tiny_pipeline_dir, image_folder):
+    """The in-trainer cache draws its own secret noise seed: it is written nowhere in the output folder
+    (settings, trainer state, cache), and the same --seed in another folder gets other noise."""
+    import secrets
+
+    from sdxl_ambient.cache import LatentCache
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "5eed" * (n // 2))
+    out = tmp_path / "out"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, steps=3, noise_seed=None)) == 0
+    for path in _files_under(out):
+        assert b"5eed" * 8 not in path.read_bytes(), path
+    settings = json.loads((out / "training_settings.json").read_text())
+    assert settings["resolved"]["seed"] == 0 and not any("noise" in k for k in (*settings, *settings["resolved"]))
+    assert json.loads((out / "checkpoint-3" / checkpointing.STATE_FILE).read_text())["seed"] == 0
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "abcd" * (n // 2))
+    other = tmp_path / "other"
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, other, steps=1, noise_seed=None)) == 0
+    first, second = LatentCache(out / "latent_cache"), LatentCache(other / "latent_cache")
+    assert not torch.allclose(first[0]["observed"], second[0]["observed"], atol=1e-3)
+
+
+def test_overwrite_without_a_seed_reuses_the_cache(caplog, tmp_path, tiny_pipeline_dir, image_folder):
+    """--overwrite_output_dir without --seed draws a new training seed; the cache does not depend on it
+    and is reused as it is, not refused or rebuilt."""
+    out = tmp_path / "out"
+    args = _without_seed(tiny_args(tiny_pipeline_dir, image_folder, out, steps=1, noise_seed=None))
+    with caplog.at_level(logging.INFO, logger="sdxl_ambient"):
+        assert run_inprocess(args) == 0
+    assert "encoding 1 of 1 shard(s)" in caplog.text
+    shard = out / "latent_cache" / "shard-00000.safetensors"
+    before, seed = shard.read_bytes(), json.loads((out / "training_settings.json").read_text())["resolved"]["seed"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdxl_ambient"):
+        assert run_inprocess(args + ["--overwrite_output_dir"]) == 0
+    assert "encoding" not in caplog.text and shard.read_bytes() == before
+    assert json.loads((out / "training_settings.json").read_text())["resolved"]["seed"] != seed
+
+
+class _SavingAccelerator:
+    """The part of accelerate that save_checkpoint uses, on one process."""
+
+    is_main_process, process_index = True, 0
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        (Path(folder) / "optimizer.bin").write_bytes(b"state")
+
+
+def test_checkpoint_renames_are_flushed_to_their_folder(monkeypatch, tmp_path):
+    """A rename is durable only once its folder is flushed: after each checkpoint is renamed into place,
+    and after an old one is renamed away, the output folder is fsynced."""
+    events = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or real_replace(a, b))
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    generator = torch.Generator()
+    for step in (1, 2):
+        checkpointing.save_checkpoint(_SavingAccelerator(), tmp_path, step, {"global_step": step}, generator, total_limit=1)
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert [events[i][1] for i in renames] == ["checkpoint-1", "checkpoint-2", ".tmp-checkpoint-1-old"]
+    for i in renames:
+        assert events[i + 1] == ("fsync", str(tmp_path)), events[i:i + 2]
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_the_demo_stops_when_its_training_stops(monkeypatch, tmp_path, capsys):
+    """A training run that ends early (143: stopped by a signal) must not be followed by sampling and a report."""
+    from sdxl_ambient import train
+    from sdxl_ambient.cli import main
+
+    monkeypatch.setattr(train, "main", lambda argv: 143)
+    status = main(["demo", "--output_dir", str(tmp_path / "demo")])
+    assert_one_line_error(capsys, status, "exit status 143", "--resume_from_checkpoint latest")
+    assert not (tmp_path / "demo" / "demo_grid.png").exists() and not (tmp_path / "demo" / "memorization").exists()

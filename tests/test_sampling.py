@@ -9,6 +9,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
+from helpers import assert_one_line_error
+from helpers.diffusion import gaussian_epsilon, gaussian_flow_solution, reference_ddim
 from sdxl_ambient import sampling
 from sdxl_ambient.cli import main
 from sdxl_ambient.tiny import SDXL_SCHEDULER_CONFIG
@@ -100,29 +102,67 @@ def test_plain_sampling_runs_every_step(pipe, monkeypatch):
     assert images[0].size == (64, 64)
 
 
-class PointMassUNet(torch.nn.Module):
-    """The exact epsilon-predictor for data that is a single point x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+class GaussianUNet(torch.nn.Module):
+    """The exact epsilon-predictor of Gaussian data x0 ~ N(mu, diag(std^2)) whose mean is set by the prompt:
+    mu = 0 for the unconditional half (prompt embeddings 0), ``mean`` for the conditional one (embeddings 1).
+    Its answer differs at every timestep, so a wrong DDIM step or guidance shows in the result."""
 
-    def __init__(self, x0, alphas_cumprod):
+    def __init__(self, mean, std, alphas_cumprod):
         super().__init__()
-        self.register_buffer("x0", x0)
-        self.abar = alphas_cumprod
-        self.dtype = torch.float32
+        self.mean, self.std, self.abar, self.dtype = mean.double(), std.double(), alphas_cumprod.double(), torch.float32
+        self.timesteps = []
 
-    def forward(self, x, t, **kwargs):
-        a = self.abar[int(t)]
-        return ((x - a.sqrt() * self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1)) / (1 - a).sqrt(),)
+    def forward(self, x, t, encoder_hidden_states=None, **kwargs):
+        self.timesteps.append(int(t))
+        which = encoder_hidden_states[:, 0, 0].double().view(-1, 1, 1, 1)  # 0: unconditional, 1: conditional
+        eps = gaussian_epsilon(which * self.mean, self.std, x.double(), self.abar[int(t)])
+        return (eps.float(),)
 
 
-@pytest.mark.parametrize("num_steps", [1, 7])
-def test_ddim_reconstruction_recovers_a_memorised_point_from_high_noise(num_steps):
+def _gaussian_case(std_scale: float):
     scheduler = DDPMScheduler(**SDXL_SCHEDULER_CONFIG)
-    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    fake = SimpleNamespace(unet=PointMassUNet(x0, scheduler.alphas_cumprod), scheduler=scheduler)
-    cond = sampling.Conditioning(torch.zeros(4, 77, 8), torch.zeros(4, 8), torch.zeros(4, 6), guidance_scale=2.0)
-    x_t = sampling.noise_to(x0, 900, torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), scheduler.alphas_cumprod)
-    torch.testing.assert_close(sampling.ddim_reconstruct(fake, cond, x_t, 900, num_steps), x0, atol=1e-3, rtol=1e-3)
-    assert sampling.ddim_timesteps(900, 4).tolist() == [900, 675, 450, 225]
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    std = std_scale * (0.2 + torch.rand(1, 4, 8, 8, generator=g, dtype=torch.float64))  # a different scale per element
+    cond = sampling.Conditioning(torch.cat([torch.zeros(2, 77, 8), torch.ones(2, 77, 8)]), torch.zeros(4, 8),
+                                 torch.zeros(4, 6), guidance_scale=2.0)
+    x0 = mean + std * torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    x_t = sampling.noise_to(x0.float(), 900, torch.randn(x0.shape, generator=g), scheduler.alphas_cumprod)
+    return scheduler, mean, std, cond, x_t
+
+
+@pytest.mark.parametrize("num_steps, timesteps", [(1, [900]), (3, [900, 600, 300]), (7, [900, 771, 643, 514, 386, 257, 129])])
+def test_ddim_reconstruction_is_exact_ddim_on_gaussian_data(num_steps, timesteps):
+    """The exact Gaussian denoiser under guidance w: eps_u + w (eps_c - eps_u) is the denoiser of mean w * mu, so
+    ddim_reconstruct must equal DDIM computed here from its formula with that denoiser, at the documented timesteps."""
+    scheduler, mean, std, cond, x_t = _gaussian_case(1.0)
+    unet = GaussianUNet(mean, std, scheduler.alphas_cumprod)
+    got = sampling.ddim_reconstruct(SimpleNamespace(unet=unet, scheduler=scheduler), cond, x_t, 900, num_steps)
+    assert unet.timesteps == timesteps == sampling.ddim_timesteps(900, num_steps).tolist()
+    guided_mean = cond.guidance_scale * mean
+    expected = reference_ddim(lambda x, t: gaussian_epsilon(guided_mean, std, x, scheduler.alphas_cumprod[t].double()),
+                              x_t, timesteps, scheduler.alphas_cumprod)
+    torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=1e-4)
+    unguided = reference_ddim(lambda x, t: gaussian_epsilon(mean, std, x, scheduler.alphas_cumprod[t].double()),
+                              x_t, timesteps, scheduler.alphas_cumprod)
+    assert (got.double() - unguided).abs().max() > 0.1  # the guidance changes the answer: the comparison has teeth
+
+
+def test_ddim_reconstruction_converges_to_the_exact_flow_and_recovers_memorised_data():
+    """Many DDIM steps follow the probability-flow ODE, whose solution is known in closed form for Gaussian
+    data; data of tiny variance (a memorised point) is recovered from t = 900."""
+    scheduler, mean, std, cond, x_t = _gaussian_case(1.0)
+    abar = scheduler.alphas_cumprod.double()
+    unet = GaussianUNet(mean, std, scheduler.alphas_cumprod)
+    fine = sampling.ddim_reconstruct(SimpleNamespace(unet=unet, scheduler=scheduler), cond, x_t, 900, 300)
+    exact = gaussian_flow_solution(2.0 * mean, std, x_t, abar[900], abar[unet.timesteps[-1]])
+    coarse = sampling.ddim_reconstruct(SimpleNamespace(unet=unet, scheduler=scheduler), cond, x_t, 900, 3)
+    assert (fine.double() - exact).abs().max() < 0.02 < (coarse.double() - exact).abs().max()
+
+    scheduler, mean, std, cond, x_t = _gaussian_case(1e-3)
+    point = sampling.ddim_reconstruct(SimpleNamespace(unet=GaussianUNet(mean, std, scheduler.alphas_cumprod),
+                                                      scheduler=scheduler), cond, x_t, 900, 7)
+    torch.testing.assert_close(point.double(), (2.0 * mean).expand_as(point), atol=2e-2, rtol=0)
 
 
 def test_encode_then_decode_keeps_image_size(pipe):
@@ -165,16 +205,15 @@ def test_generate_command_writes_images_grid_and_settings(tiny_pipeline_dir, tmp
     assert np.abs(with_lora - without).max() > 0
 
 
-def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path):
+def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path, capsys):
     base = ["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "x", "--resolution", "64",
             "--output_dir", str(tmp_path)]
-    with pytest.raises(ValueError, match="--scheduler 'NoSuchScheduler'"):
-        main(base + ["--scheduler", "NoSuchScheduler"])
+    assert_one_line_error(capsys, main(base + ["--scheduler", "NoSuchScheduler"]), "--scheduler 'NoSuchScheduler'")
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="only .safetensors"):
-        main(base + ["--lora_path", str(tmp_path / "weights.bin")])
-    with pytest.raises(ValueError, match="--prompts_file"):
-        main(base[:3] + ["--prompts_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path)])
+    assert_one_line_error(capsys, main(base + ["--lora_path", str(tmp_path / "weights.bin")]), "--lora_path", "only .safetensors")
+    assert_one_line_error(capsys, main(base[:3] + ["--prompts_file", str(tmp_path / "missing.txt"), "--output_dir",
+                                                   str(tmp_path)]), "--prompts_file", "no such file")
+    assert_one_line_error(capsys, main(base + ["--num_inference_steps", "3.5"]), "--num_inference_steps", "3.5")
 
 
 def test_sampling_timesteps_include_both_ends():
@@ -210,8 +249,12 @@ def test_ddim_denoise_returns_the_denoiser_at_the_last_timestep_and_lands_on_a_p
 
 
 def test_handoff_denoiser_switches_to_the_base_below_the_threshold():
-    model = lambda x, t: torch.ones_like(x)
-    base = lambda x, t: -torch.ones_like(x)
+    def model(x, t):
+        return torch.ones_like(x)
+
+    def base(x, t):
+        return -torch.ones_like(x)
+
     h = sampling.handoff_denoiser(model, base, below=300)
     x = torch.zeros(4, 2)
     assert h(x, torch.full((4,), 300)).eq(1).all() and h(x, torch.full((4,), 299)).eq(-1).all()

@@ -1,18 +1,19 @@
 """train_sdxl_ambient.py end to end on the tiny pipeline: LoRA and full runs, resume, two processes."""
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from trainrun import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
+
+from helpers import DEMO_IMAGES, ROOT
+from helpers.training import LORA_FILE, launch, lora_weights, run_inprocess, tiny_args
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_pipeline_dir):
     """One uninterrupted LoRA run with the consistency loss under `accelerate launch` (6 steps, checkpoints at 3 and 6)."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path_factory.mktemp("lora") / "out"
     launch(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--consistency_weight", "0.5",
                      "--validation_prompt", "a ginger cat", "--num_validation_images", "1",
@@ -25,6 +26,7 @@ def _images(pipe, seed=0):
     return pipe("a ginger cat", num_inference_steps=3, height=64, width=64, generator=g, output_type="np").images
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipeline_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -40,10 +42,9 @@ def test_lora_run_writes_loadable_weights_that_change_images(lora_run, tiny_pipe
     assert np.abs(after - before).max() > 1e-3
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pipeline_dir):
     """Drop everything after checkpoint-3, resume with `latest`: the final LoRA is bit-identical."""
-    from conftest import DEMO_IMAGES
-
     out = tmp_path / "out"
     shutil.copytree(lora_run, out)
     shutil.rmtree(out / "checkpoint-6")
@@ -57,6 +58,7 @@ def test_resume_from_middle_equals_uninterrupted_run(lora_run, tmp_path, tiny_pi
         assert torch.equal(expected[key], resumed[key]), key
 
 
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
 def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, image_folder):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -69,26 +71,53 @@ def test_full_finetune_saves_a_complete_pipeline(tmp_path, tiny_pipeline_dir, im
     assert (out / "checkpoint-3").is_dir()
 
 
-def test_two_processes(tmp_path, tiny_pipeline_dir, image_folder):
-    out = tmp_path / "ddp"
+@pytest.mark.slow  # subprocess / accelerate launch, or seconds of training
+def test_two_processes_agree_on_the_weights_and_share_the_data(tmp_path, tiny_pipeline_dir, image_folder):
+    """Two DDP processes (consistency loss, text-encoder LoRA) end with bit-identical trained weights, which did
+    train, after each saw its own half of every epoch."""
+    from safetensors.torch import load_file
+
+    out, report = tmp_path / "ddp", tmp_path / "report"
+    report.mkdir()
     proc = launch(tiny_args(tiny_pipeline_dir, image_folder, out, "--consistency_weight", "1", "--train_text_encoder", steps=2),
-                  num_processes=2)
+                  num_processes=2, script=ROOT / "tests" / "helpers" / "rank_report.py", RANK_REPORT_DIR=str(report))
     assert (out / LORA_FILE).is_file(), proc.stderr[-2000:]
     assert "on 2 processes" in proc.stderr
-    weights = lora_weights(out)
-    assert all(torch.isfinite(v).all() for v in weights.values())
+    ranks = [load_file(str(report / f"rank-{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and any(k.startswith("1.") for k in ranks[0])  # text encoders too
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    for model in ("0.", "1.", "2."):  # the UNet and both text encoders trained
+        assert _trained_lora_b(ranks[0], model), model
+    seen = [json.loads((report / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["step"] == seen[1]["step"] == 2
+    halves = [{i for batch in s["batches"] for i in batch} for s in seen]  # 2 steps x batch 2 x 2 processes = 8 images
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(8))
+    saved = lora_weights(out)
+    assert len(saved) == len(ranks[0]) and all(torch.isfinite(v).all() for v in saved.values())
+
+
+def _trained_lora_b(weights: dict, prefix: str) -> bool:
+    """Whether some LoRA up-projection of ``prefix`` moved off its zero initialisation."""
+    return any(k.startswith(prefix) and "lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
 
 
 def test_text_encoder_lora_trains_and_loads(tmp_path, tiny_pipeline_dir, image_folder):
+    """Both text encoders' adapters are trained (off their zero start) and saved, and diffusers' loader applies
+    them: the prompt embeddings change."""
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "te"
     assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--train_text_encoder", steps=2)) == 0
-    keys = lora_weights(out).keys()
-    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    weights = lora_weights(out)
+    for prefix in ("text_encoder.", "text_encoder_2.", "unet."):
+        assert _trained_lora_b(weights, prefix), prefix
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(out)
+    with torch.no_grad():
+        before = pipe.encode_prompt("a ginger cat", do_classifier_free_guidance=False)
+        pipe.load_lora_weights(out, use_safetensors=True)
+        after = pipe.encode_prompt("a ginger cat", do_classifier_free_guidance=False)
+    assert (after[0] - before[0]).abs().max() > 1e-4 and (after[2] - before[2]).abs().max() > 1e-4  # embeds, pooled
     assert np.isfinite(_images(pipe)).all()
 
 
@@ -107,9 +136,8 @@ def test_trains_directly_on_a_corrupted_dataset_and_logs_to_tensorboard(tmp_path
     i = args.index("--ambient_timestep")
     del args[i:i + 2]
     assert run_inprocess(args) == 0
-    import json
 
-    assert json.loads((out / "training_settings.json").read_text())["ambient_timestep"] == 300
+    assert json.loads((out / "training_settings.json").read_text())["resolved"]["ambient_timestep"] == 300
     assert not (out / "latent_cache").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -118,14 +146,25 @@ def test_trains_directly_on_a_corrupted_dataset_and_logs_to_tensorboard(tmp_path
     assert "validation" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
 
 
-def test_bf16_lora_keeps_trained_weights_in_fp32(tmp_path, tiny_pipeline_dir, image_folder):
-    """bf16 mixed precision: frozen weights in bf16, LoRA weights trained and saved in fp32."""
+def test_bf16_lora_keeps_trained_weights_in_fp32(monkeypatch, tmp_path, tiny_pipeline_dir, image_folder):
+    """bf16 mixed precision: the frozen UNet and text encoders in bf16, the VAE in fp32, the LoRA weights
+    trained (off their zero start) in fp32 and saved in fp32."""
+    from sdxl_ambient import train
+
+    runs, real_setup = [], train.setup
+    monkeypatch.setattr(train, "setup", lambda cfg: runs.append(real_setup(cfg)) or runs[-1])
     out = tmp_path / "bf16"
     assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, out, "--mixed_precision", "bf16",
                                    "--consistency_weight", "1", steps=2)) == 0
+    (run,) = runs
+    parts = run.components
+    assert {p.dtype for p in parts.unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for te in (parts.text_encoder, parts.text_encoder_2) for p in te.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in parts.vae.parameters()} == {torch.float32}
+    assert run.params and {p.dtype for p in run.params} == {torch.float32}
     weights = lora_weights(out)
     assert {v.dtype for v in weights.values()} == {torch.float32}
-    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert all(torch.isfinite(v).all() for v in weights.values()) and _trained_lora_b(weights, "unet.")
 
 
 def test_resume_with_gradient_accumulation_over_uneven_epochs(tmp_path, tiny_pipeline_dir, image_folder):

@@ -17,12 +17,16 @@ returns float32 features (N, D).
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+import contextlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from sdxl_ambient.errors import UserError, first_line
+from sdxl_ambient.images import center_crop_resize, open_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,20 +34,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """RGB, shorter side resized to ``size`` (bicubic), then the central ``size`` square."""
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def pil_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """(N, 3, size, size) float in [0, 1] from PIL images (``center_crop_resize`` each)."""
-    arrays = [np.asarray(center_crop_resize(im, size), dtype=np.float32) / 255.0 for im in images]
+    """(N, 3, size, size) float in [0, 1] from images (PIL images, paths or bytes), each read as
+    training reads it (:func:`images.open_image`: EXIF orientation, 16-bit scaled) and center-cropped."""
+    arrays = [np.asarray(center_crop_resize(open_image(im), size), dtype=np.float32) / 255.0 for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -113,7 +107,7 @@ class DinoV2Embedder(ImageEmbedder):
         from transformers import Dinov2Model
 
         self.name_or_path = str(name_or_path)
-        model = _from_pretrained(Dinov2Model, name_or_path, "--embedder")
+        model = _from_pretrained(Dinov2Model, name_or_path, "--embedder", "a DINOv2 model (e.g. facebook/dinov2-base)")
         super().__init__(model, device, dtype, normalize)
 
     def features(self, pixel_values):
@@ -129,9 +123,12 @@ class ClipImageEmbedder(ImageEmbedder):
         from transformers import CLIPModel, CLIPTokenizer
 
         self.name_or_path = str(name_or_path)
-        model = _from_pretrained(CLIPModel, name_or_path, "--clip_model")
+        model = _from_pretrained(CLIPModel, name_or_path, "--clip_model", "a CLIP model (e.g. openai/clip-vit-large-patch14)")
         self.size = int(model.config.vision_config.image_size)
-        self.tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(str(name_or_path))
+        except (OSError, ValueError) as err:
+            raise UserError(f"--clip_model {name_or_path!r}: cannot load its tokenizer ({first_line(err)})") from None
         super().__init__(model, device, dtype, normalize)
 
     def features(self, pixel_values):
@@ -150,9 +147,50 @@ def _pooled(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _from_pretrained(cls, name_or_path, flag: str):
-    """``cls.from_pretrained`` with safetensors weights only, a clear error naming the flag."""
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own load report (a table of missing / unexpected tensors) is replaced by our one-line check."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(str(name_or_path), use_safetensors=True)
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(cls, name_or_path, flag: str, family: str):
+    """``cls.from_pretrained`` with safetensors weights only, refusing anything but a complete
+    checkpoint of ``cls``'s family: the config's ``model_type`` is checked before any weight is
+    read, and a load that leaves a tensor missing or of the wrong shape (so randomly initialised)
+    is refused. Errors are one line naming the flag."""
+    from transformers import PretrainedConfig
+
+    name_or_path = str(name_or_path)
+    expected = cls.config_class.model_type
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name_or_path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {name_or_path!r}: cannot load a {cls.__name__} with safetensors weights ({err})") from err
+        raise UserError(f"{flag} {name_or_path!r}: no model config to read, expected {family} ({first_line(err)})") from None
+    found = config.get("model_type")
+    if found != expected:
+        what = f"model_type {found!r}" if found else "no model_type"
+        architectures = config.get("architectures") or []
+        raise UserError(f"{flag} {name_or_path!r} has {what}{f' ({architectures[0]})' if architectures else ''}: "
+                        f"expected {family}, model_type {expected!r}")
+    try:
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(name_or_path, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{flag} {name_or_path!r}: cannot load a {cls.__name__} with safetensors weights "
+                        f"({first_line(err)})") from None
+    absent = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) for k in info.get("mismatched_keys") or [])
+    if absent:
+        raise UserError(f"{flag} {name_or_path!r}: {len(absent)} of the {cls.__name__}'s tensors are missing from its "
+                        f"weights or have another shape ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}), "
+                        f"so they would be random: give a complete checkpoint of {family}")
+    return model

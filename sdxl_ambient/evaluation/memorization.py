@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from PIL import Image
+
+from sdxl_ambient.data import DataSource, ImageRecord
+from sdxl_ambient.errors import UserError
+from sdxl_ambient.images import image_grid, open_image
 
 THRESHOLDS = (0.9, 0.95, 0.99)
 PERCENTILES = (50, 90, 95, 99)
@@ -31,35 +35,22 @@ DEFAULT_EMBEDDER = "facebook/dinov2-base"
 # ----------------------------------------------------------------------------- data
 
 
-def read_training_set(train_data_dir: str | Path, image_column: str = "file_name", caption_column: str = "text") -> list[dict]:
-    """[{"path", "caption"}] from an image folder's ``metadata.jsonl``."""
-    folder = Path(train_data_dir)
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise ValueError(f"--train_data_dir {folder}: no metadata.jsonl (lines of {{{image_column!r}: ..., {caption_column!r}: ...}})")
-    rows = []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            path, caption = folder / record[image_column], str(record[caption_column])
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{meta}:{n}: need {image_column!r} and {caption_column!r} ({err})") from err
-        if not path.is_file():
-            raise ValueError(f"{meta}:{n}: image {path} does not exist")
-        rows.append({"path": path, "caption": caption})
-    if not rows:
-        raise ValueError(f"{meta}: no entries")
-    return rows
+def read_training_set(source: DataSource | str | Path) -> list[ImageRecord]:
+    """The training images and captions, read as training reads them (:func:`data.collect_records`:
+    ``metadata.jsonl`` / ``.csv``, kohya ``.txt`` captions, a ``save_to_disk`` folder or a Hub
+    dataset; every image decoded once, broken ones an error or skipped, captions checked). A folder
+    is read with the default columns. A noisy-latent dataset holds no images and is refused."""
+    from sdxl_ambient.cache import is_latent_dataset
+    from sdxl_ambient.data import check_captions, check_images, collect_records
 
-
-def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    return images
+    if not isinstance(source, DataSource):
+        source = DataSource(train_data_dir=str(source))
+    if source.train_data_dir and is_latent_dataset(source.train_data_dir):
+        raise UserError(f"--train_data_dir {source.train_data_dir} is a noisy-latent dataset: the memorisation report "
+                        "compares samples with the clean training images, so give the image folder it was made from")
+    records, _ = check_images(collect_records(source), source.skip_broken_images)
+    check_captions(records, source.allow_empty_captions)
+    return records
 
 
 # ----------------------------------------------------------------------------- measures
@@ -103,10 +94,10 @@ def generation_test(pipe, captions: Sequence[str], train_embeddings: Mapping[str
     one's top-1 similarity to the training set with every embedder.
 
     Returns {"captions", "images", "by_embedder": {name: {"top1", "match_index", "stats"}}}."""
-    from sdxl_ambient.generate import generate_images
+    from sdxl_ambient.sampling import generate_images
 
     if num_images < 1:
-        raise ValueError(f"--num_images must be >= 1, got {num_images}")
+        raise UserError(f"--num_images must be >= 1, got {num_images}")
     prompts = [captions[i % len(captions)] for i in range(num_images)]
     images, _ = generate_images(pipe, prompts, batch_size=batch_size, seed=seed, resolution=resolution, **sample_kwargs)
     return {"captions": prompts, "images": images, "by_embedder": score_top1(images, train_embeddings, embedders)}
@@ -124,7 +115,7 @@ def score_top1(images, train_embeddings: Mapping[str, torch.Tensor], embedders: 
 @torch.no_grad()
 def noise_attack(pipe, images_or_latents, prompts: Sequence[str], embedders: Mapping, *, timestep: int = 900,
                  num_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, resolution: int | None = None) -> dict:
-    """Noise training images (PIL list) or scaled latents to ``timestep``, reconstruct them in one
+    """Noise training images (PIL images or paths, read by :func:`images.open_image`) or scaled latents to ``timestep``, reconstruct them in one
     Tweedie step and by ``num_steps`` DDIM steps (``sampling.ddim_reconstruct``), and score each
     reconstruction's cosine similarity to its original, per embedder.
 
@@ -135,7 +126,7 @@ def noise_attack(pipe, images_or_latents, prompts: Sequence[str], embedders: Map
         latents = images_or_latents.to(pipe.unet.device, pipe.unet.dtype)
         originals = decode_latents(pipe, latents)
     else:
-        originals = list(images_or_latents)
+        originals = [open_image(im) for im in images_or_latents]  # as training reads them
         resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
         latents = encode_images(pipe, originals, resolution)
     if len(prompts) != latents.shape[0]:
@@ -225,8 +216,6 @@ def _top_matches_png(results_by_model, train_images, embedder: str, top_k: int) 
 
 
 def _attack_png(results_by_model) -> Image.Image:
-    from sdxl_ambient.evaluation.report import image_grid
-
     rows = []
     for r in results_by_model.values():
         a = r.get("noise_attack")
@@ -275,7 +264,7 @@ def parse_model_spec(spec: str) -> tuple[str, str, str | None]:
     """``NAME=BASE[:LORA]`` -> (name, base, lora or None). A Windows drive letter in BASE is kept."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--model {spec!r}: expected NAME=BASE or NAME=BASE:LORA")
+        raise UserError(f"--model {spec!r}: expected NAME=BASE or NAME=BASE:LORA")
     skip = 2 if _DRIVE.match(rest) else 0
     cut = rest.find(":", skip)
     base, lora = (rest, None) if cut < 0 else (rest[:cut], rest[cut + 1:] or None)
@@ -288,17 +277,15 @@ def parse_truncation(specs: Sequence[str] | None, names: Sequence[str]) -> dict[
     for spec in specs or []:
         name, sep, value = spec.partition("=")
         if not sep or name not in names or not value.isdigit():
-            raise ValueError(f"--ambient_timestep {spec!r}: expected NAME=T_N with NAME one of {list(names)}")
+            raise UserError(f"--ambient_timestep {spec!r}: expected NAME=T_N with NAME one of {list(names)}")
         out[name] = int(value)
     return out
 
 
 def add_arguments(parser) -> None:
-    from sdxl_ambient.generate import add_model_arguments
+    from sdxl_ambient.config import add_data_source_arguments, add_model_arguments, add_sampling_arguments
 
-    parser.add_argument("--train_data_dir", required=True, help="the fine-tuning images with metadata.jsonl")
-    parser.add_argument("--image_column", default="file_name")
-    parser.add_argument("--caption_column", default="text")
+    add_data_source_arguments(parser)  # the fine-tuning set, read as training reads it
     parser.add_argument("--model", action="append", required=True, metavar="NAME=BASE[:LORA]",
                         help="a model to test (repeat for several): base model or full fine-tune, optional LoRA")
     parser.add_argument("--ambient_timestep", action="append", metavar="NAME=T_N",
@@ -311,49 +298,74 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attack_steps", type=int, default=50, help="DDIM steps of the full reconstruction")
     parser.add_argument("--top_k", type=int, default=8, help="closest pairs shown per model in top_matches.png")
     parser.add_argument("--output_dir", required=True)
-    add_model_arguments(parser)
+    add_model_arguments(parser, base=False)
+    add_sampling_arguments(parser)
 
 
-def run(args) -> int:
+def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSource | str | Path, output_dir, *,
+                    embedder: str, clip_model: str | None = None, truncation: Mapping[str, int] | None = None,
+                    num_images: int = 100, num_attack_images: int = 8, attack_timestep: int = 900, attack_steps: int = 50,
+                    top_k: int = 8, seed: int = 0, resolution: int = 1024, batch_size: int = 4, device=None,
+                    pipeline_kwargs: Mapping | None = None, sample_kwargs: Mapping | None = None,
+                    settings: Mapping | None = None) -> dict[str, Path]:
+    """The generation test and the noise attack for each (name, base, lora) model against the
+    training set ``source`` (:func:`read_training_set`); writes the report (:func:`write_report`) and returns its paths."""
+    from sdxl_ambient.data import load_image
     from sdxl_ambient.evaluation.features import ClipImageEmbedder, DinoV2Embedder
-    from sdxl_ambient.generate import load_pipeline, resolve_device
+    from sdxl_ambient.models import resolve_device
+    from sdxl_ambient.pipelines import load_pipeline
 
-    specs = [parse_model_spec(s) for s in args.model]
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"--model names must be distinct, got {names}")
-    truncation = parse_truncation(args.ambient_timestep, names)
-    train = read_training_set(args.train_data_dir, args.image_column, args.caption_column)
-    train_images = load_images([r["path"] for r in train])
-    captions = [r["caption"] for r in train]
-    device = resolve_device(args.device)
-    embedders = {"dinov2": DinoV2Embedder(args.embedder, device=device)}
-    if args.clip_model:
-        embedders["clip"] = ClipImageEmbedder(args.clip_model, device=device)
+        raise UserError(f"--model names must be distinct, got {names}")
+    truncation = dict(truncation or {})
+    train = read_training_set(source)
+    train_images = [load_image(r) for r in train]
+    captions = [r.caption for r in train]
+    device = resolve_device(device)
+    embedders = {"dinov2": DinoV2Embedder(embedder, device=device)}
+    if clip_model:
+        embedders["clip"] = ClipImageEmbedder(clip_model, device=device)
     train_embeddings = embed_all(embedders, train_images)
-    n_attack = min(args.num_attack_images, len(train))
+    n_attack = min(num_attack_images, len(train))
+    guidance = dict(sample_kwargs or {}).get("guidance_scale", 5.0)
 
     results = {}
     for name, base, lora in specs:
-        pipe = load_pipeline(base, lora_path=lora, vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision,
-                             variant=args.variant, scheduler=args.scheduler, device=args.device, dtype=args.dtype)
-        generation = generation_test(
-            pipe, captions, train_embeddings, embedders, num_images=args.num_images, batch_size=args.batch_size,
-            seed=args.seed, resolution=args.resolution, ambient_timestep=truncation.get(name, 0), jump_margin=args.jump_margin,
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-        )
-        attack = noise_attack(pipe, train_images[:n_attack], captions[:n_attack], embedders, timestep=args.attack_timestep,
-                              num_steps=args.attack_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                              resolution=args.resolution) if n_attack else None
+        pipe = load_pipeline(base, lora_path=lora, device=str(device), **dict(pipeline_kwargs or {}))
+        generation = generation_test(pipe, captions, train_embeddings, embedders, num_images=num_images,
+                                     batch_size=batch_size, seed=seed, resolution=resolution,
+                                     ambient_timestep=truncation.get(name, 0), **dict(sample_kwargs or {}))
+        attack = noise_attack(pipe, train_images[:n_attack], captions[:n_attack], embedders, timestep=attack_timestep,
+                              num_steps=attack_steps, guidance_scale=guidance, seed=seed,
+                              resolution=resolution) if n_attack else None
         results[name] = {"generation": generation, "noise_attack": attack}
         print(f"{name}: mean top-1 {generation['by_embedder']['dinov2']['stats']['mean']:.3f}")
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    settings.update(models={n: {"base": b, "lora": l, "ambient_timestep": truncation.get(n, 0)} for n, b, l in specs},
-                    training_images=[str(r["path"].name) for r in train], sscd="not available (weights only as TorchScript/pickle)")
-    paths = write_report(args.output_dir, results, settings, train_images=train_images, top_k=args.top_k)
+    record = dict(settings or {})
+    record.update(models={n: {"base": b, "lora": lora, "ambient_timestep": truncation.get(n, 0)} for n, b, lora in specs},
+                  attack_timestep=attack_timestep, training_images=[r.key for r in train],
+                  sscd="not available (weights only as TorchScript/pickle)")
+    return write_report(output_dir, results, record, train_images=train_images, top_k=top_k)
+
+
+def run(args) -> int:
+    from sdxl_ambient.config import data_source
+
+    specs = [parse_model_spec(s) for s in args.model]
+    paths = evaluate_models(
+        specs, data_source(args), args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
+        truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
+        num_images=args.num_images, num_attack_images=args.num_attack_images, attack_timestep=args.attack_timestep,
+        attack_steps=args.attack_steps, top_k=args.top_k, seed=args.seed, resolution=args.resolution,
+        batch_size=args.batch_size, device=args.device,
+        pipeline_kwargs=dict(vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision,
+                             variant=args.variant, scheduler=args.scheduler, dtype=args.dtype),
+        sample_kwargs=dict(jump_margin=args.jump_margin, num_inference_steps=args.num_inference_steps,
+                           guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt),
+        settings=vars(args))
     print(f"report: {paths['markdown']}")
     return 0

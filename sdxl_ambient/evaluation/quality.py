@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from sdxl_ambient.errors import UserError
 from sdxl_ambient.evaluation.features import pil_to_tensor
+from sdxl_ambient.images import is_image_file, load_images
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 FEATURES = ("dinov2", "clip", "inception")
 
 
@@ -43,17 +44,15 @@ class EmbedderFeatures(torch.nn.Module):
 def image_files(folder: str | Path, flag: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{flag} {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png")
+        raise UserError(f"{flag} {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if is_image_file(p) and p.name != "grid.png")
     if len(files) < 2:
-        raise ValueError(f"{flag} {folder}: need at least 2 images, found {len(files)}")
+        raise UserError(f"{flag} {folder}: need at least 2 images, found {len(files)}")
     return files
 
 
 def image_batches(files: list[Path], size: int, batch_size: int):
     """(N, 3, size, size) float batches in [0, 1], center-cropped."""
-    from sdxl_ambient.evaluation.memorization import load_images
-
     for i in range(0, len(files), batch_size):
         yield pil_to_tensor(load_images(files[i:i + batch_size]), size)
 
@@ -66,7 +65,7 @@ def feature_extractor(kind: str, embedder: str | None, clip_model: str | None, d
         return EmbedderFeatures(DinoV2Embedder(embedder, device=device, normalize=False))
     if kind == "clip":
         if not clip_model:
-            raise ValueError("--features clip needs --clip_model")
+            raise UserError("--features clip needs --clip_model")
         return EmbedderFeatures(ClipImageEmbedder(clip_model, device=device, normalize=False))
     if kind == "inception":
         return 2048
@@ -107,16 +106,18 @@ def clip_score(images, captions: list[str], clip_embedder) -> dict:
 
 def generated_captions(folder: Path, files: list[Path]) -> list[str]:
     """Each generated file's caption from the folder's metadata.jsonl."""
-    from sdxl_ambient.evaluation.memorization import read_training_set
+    from sdxl_ambient.data import read_metadata
 
-    by_name = {r["path"].name: r["caption"] for r in read_training_set(folder)}
+    by_name = {Path(r["file_name"]).name: str(r["text"]) for r in read_metadata(folder) or []}
     missing = [f.name for f in files if f.name not in by_name]
     if missing:
-        raise ValueError(f"--generated {folder}: metadata.jsonl has no caption for {missing[:3]}")
+        raise UserError(f"--generated {folder}: metadata.jsonl has no caption for {missing[:3]}")
     return [by_name[f.name] for f in files]
 
 
 def add_arguments(parser) -> None:
+    from sdxl_ambient.config import add_device_argument
+
     parser.add_argument("--generated", required=True, help="folder of generated images")
     parser.add_argument("--reference", required=True, help="folder of reference images")
     parser.add_argument("--features", choices=FEATURES, default="dinov2",
@@ -127,14 +128,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kid_subset_size", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
     parser.add_argument("--output_dir", required=True)
+    add_device_argument(parser)
 
 
 def run(args) -> int:
     from sdxl_ambient.evaluation.features import ClipImageEmbedder
-    from sdxl_ambient.evaluation.memorization import load_images
-    from sdxl_ambient.generate import resolve_device
+    from sdxl_ambient.models import resolve_device
 
     device = resolve_device(args.device)
     generated, reference = image_files(args.generated, "--generated"), image_files(args.reference, "--reference")

@@ -1,14 +1,14 @@
-"""PNG figures drawn with PIL: image grids, generated-vs-training match pairs, similarity histograms."""
+"""PNG figures drawn with PIL: generated-vs-training match pairs and similarity histograms."""
 
 from __future__ import annotations
 
-import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdxl_ambient.images import BACKGROUND
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
 
 
@@ -17,19 +17,6 @@ def _font(size: int = 12):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size
         return ImageFont.load_default()
-
-
-def image_grid(images: Sequence[Image.Image], cols: int | None = None, cell: int | None = None) -> Image.Image:
-    """The images tiled row by row in square cells of ``cell`` px (default: the first image's size)."""
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    cw, ch = (cell, cell) if cell else images[0].size
-    grid = Image.new("RGB", (cols * cw, rows * ch), BACKGROUND)
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB").resize((cw, ch)), ((i % cols) * cw, (i // cols) * ch))
-    return grid
 
 
 def match_pairs(rows: Sequence[tuple[Image.Image, Image.Image, str]], cell: int = 192) -> Image.Image:

@@ -1,7 +1,8 @@
 """A 2-D toy for the ambient objectives: an analytic Gaussian mixture (exact posteriors),
 a small time-conditioned MLP, its training loop and a DDIM sampler that ends with a Tweedie jump.
 
-Shared by ``tests/test_objectives.py`` and ``benchmarks/toy_mixture.py``.
+Ground truth for the objectives: ``tests/test_objectives.py`` tests them against the exact
+posteriors, ``benchmarks/toy_mixture.py`` measures their settings.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class GaussianMixture:
         eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
         return self.means[k] + self.stds[k] * eps
 
-    def noised(self, abar: float | torch.Tensor) -> "GaussianMixture":
+    def noised(self, abar: float | torch.Tensor) -> GaussianMixture:
         """The law of sqrt(abar) x0 + sqrt(1 - abar) eps, again a Gaussian mixture (scalar abar)."""
         abar = torch.as_tensor(abar, dtype=self.means.dtype)
         return GaussianMixture(abar.sqrt() * self.means, (abar * self.stds ** 2 + 1 - abar).sqrt(), self.weights)

@@ -1,0 +1,23 @@
+"""Names of the files and folders the toolkit reads and writes, in one place."""
+
+from __future__ import annotations
+
+# LoRA weights: diffusers' format (``pipe.load_lora_weights(folder)``) and the kohya / ComfyUI copy.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+LORA_FILES = (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
+
+# The sub-folders of an SDXL diffusers pipeline.
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+MODEL_INDEX = "model_index.json"
+
+# A training run's output folder.
+SETTINGS_FILE = "training_settings.json"
+MODEL_CARD = "README.md"
+LATENT_CACHE_DIR = "latent_cache"
+SAMPLES_DIR = "samples"
+VALIDATION_DIR = "validation"
+EMA_DIR, EMA_STATE = "unet_ema", "ema_state.json"
+
+# An image folder's captions (diffusers' imagefolder layout).
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
