@@ -218,6 +218,8 @@ def make_objective(case: str, noise_scheduler, device, args) -> tuple[AmbientObj
         prediction_type=noise_scheduler.config.prediction_type,
         consistency_weight=args.consistency_weight if case == "ambient+consistency" else 0.0,
         consistency_max_delta=max(t_n, 1),
+        consistency_fraction=args.consistency_fraction,
+        consistency_one_sided=args.consistency_one_sided,
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
     )
     return objective, t_n
@@ -441,6 +443,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--ambient_timestep", type=int, default=100, help="t_n of the ambient cases")
     p.add_argument("--consistency_weight", type=float, default=0.1, help="of the ambient+consistency case")
+    p.add_argument("--consistency_fraction", type=float, default=1.0,
+                   help="ambient+consistency: the term on this fraction of the batch (AmbientObjective.consistency_fraction)")
+    p.add_argument("--consistency_one_sided", action="store_true",
+                   help="ambient+consistency: gradient through one chain only (AmbientObjective.consistency_one_sided)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="in every case")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping in every case (the scripts' default)")
     p.add_argument("--learning_rate", type=float, default=1e-4)

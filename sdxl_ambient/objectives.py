@@ -24,10 +24,8 @@ from sdxl_ambient.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("epsilon", "observation")
-# Cap of the epsilon-matched weight over SNR(t). On the 2-D toy (docs/toy_results.md, t_n = 100, 3 seeds)
-# caps 4 / 16 / 64 / 256 sampled at mean distances 0.204 / 0.195 / 0.191 / 0.189 from the exact clean
-# denoiser, the plain observation weighting at 0.574; at t_n = 500 cap 64 beat cap 16 (0.821 vs 0.859).
-# 64 takes nearly all of the gain while keeping the loss's variance near t_n bounded.
+# Cap of the epsilon-matched weight over SNR(t) (``epsilon_matched_weight``); the measurements it was
+# chosen from are in docs/toy_results.md (2-D toy) and docs/image_results.md ("Loss-weight cap").
 DEFAULT_WEIGHT_CAP = 64.0
 
 # denoiser(x_t, t) -> prediction of x0 (same shape as x_t). See ``consistency_loss``.
@@ -222,7 +220,7 @@ def draw_delta(batch: int, max_delta, min_delta: int = 1, generator=None, device
 
 def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, anchor_x0=None,
                      num_steps=1, min_delta=1, max_delta=100, weight=1.0,
-                     anchor_grad=True, chain_grad=False, generator=None, delta=None, chain_noise=None):
+                     anchor_grad=True, chain_grad=False, one_sided=False, generator=None, delta=None, chain_noise=None):
     """Consistency of the model with its own reverse process, per sample, shape (B,).
 
     From x_t, two independent chains of ``num_steps`` stochastic DDPM-posterior steps, each
@@ -243,10 +241,9 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
     random draws, made here from ``generator`` in that order when not given; given, the loss is a
     deterministic function of its inputs (what a compiled step needs: no generator inside).
 
-    ``max_delta`` is an int or a per-sample (B,) tensor. ``weight`` is a float or a per-sample (B,) tensor. On the 2-D toy (docs/toy_results.md) the
-    term helps only where it reaches below t_n: weight = w * (t < t_n + max_delta) with
-    anchor_grad=False sampled closer to the clean data, while a constant weight on every t
-    pulled the well-trained anchors at large t off and sampled worse than no term at all.
+    ``max_delta`` is an int or a per-sample (B,) tensor. ``weight`` is a float or a per-sample (B,)
+    tensor. Where the term helps and where it harms (which t, weight, max_delta, chain steps):
+    docs/toy_results.md and docs/image_results.md.
     """
     smallest = int(max_delta.min()) if isinstance(max_delta, torch.Tensor) else max_delta
     if num_steps < 1 or not 1 <= min_delta <= smallest:
@@ -283,10 +280,18 @@ def consistency_loss(denoiser: Denoiser, sample, timesteps, alphas_cumprod, *, a
             current = nxt
     if not chain_grad:
         x = x.detach()
-    h = denoiser(x, s2).float()
-    h1, h2 = h[:b], h[b:]
     a = anchor.float()
-    loss = ((h1 - a) * (h2 - a)).mean(dim=tuple(range(1, sample.ndim)))
+    if one_sided:
+        h1 = denoiser(x[:b], s).float()
+        with torch.no_grad():
+            h2 = denoiser(x[b:], s).float()
+        # value (h1 - a)(h2 - a), gradient 2 (h2 - a) dh1
+        product = (2 * h1 - h1.detach() - a) * (h2 - a).detach()
+    else:
+        h = denoiser(x, s2).float()
+        h1, h2 = h[:b], h[b:]
+        product = (h1 - a) * (h2 - a)
+    loss = product.mean(dim=tuple(range(1, sample.ndim)))
     if isinstance(weight, torch.Tensor):
         weight = weight.to(loss.device)
     return weight * loss

@@ -1,7 +1,8 @@
 """Sampling from SDXL models trained with the ambient objectives.
 
 Plain functions of a ``StableDiffusionXLPipeline`` (a LoRA loaded or a full fine-tune) and a
-timestep schedule, in the spirit of k-diffusion's ``sampling.py``.
+timestep schedule, in the spirit of k-diffusion's ``sampling.py``; and, at the end, samplers of a
+denoiser callable ``denoiser(x_t, t) -> E[x0 | x_t]`` (``ddim_denoise``, ``handoff_denoiser``).
 
 Full sampling is the pipeline's own call with any diffusers scheduler. Truncated sampling
 runs the same denoising loop down to the training noise level t_n and finishes with one
@@ -15,17 +16,11 @@ to the model output first), then decodes x0 with the VAE.
 Jump timestep. A model trained only on data at t_n sees its x0 error in the ambient loss scaled
 by (1 - lam), lam = s2_n / s2_t with s2 = (1 - abar) / abar (``objectives.predict_observation``):
 at t = t_n the factor is 0 and there is no training signal at all, so the jump is taken from
-a little above t_n. On SDXL's scaled-linear schedule (1000 steps) the factor reaches 1/4 at
-t_n + 15 (t_n = 50), + 24 (100), + 37 (200), + 43 (300), + 43 (500), + 36 (700), + 31 (800),
-and 1/2 at + 40, + 64, + 92, + 104, + 101, + 83, + 73 (computed from the schedule here).
+a little above t_n. ``DEFAULT_JUMP_MARGIN`` and the measurements behind it (the 2-D toy and real
+digits, with this factor along SDXL's schedule) are in docs/image_results.md ("Jump margin").
 
-Measured (``benchmarks/toy_mixture.py``: an MLP trained with the ambient loss on a 2-D Gaussian
-mixture noised to t_n = 100, DDIM then the jump, mean distance to the exact clean denoiser's
-samples from the same noise): jumping at t_n + 0 / 10 / 25 / 50 / 100 gave 0.196 / 0.184 / 0.185 /
-0.198 / 0.222 (seed 0, 4000 steps) and 0.181 / 0.168 / 0.174 / 0.188 / 0.214 (seed 1); with less
-training (1500 steps) + 25 was best. ``DEFAULT_JUMP_MARGIN`` = 25: within the best range on the
-toy, and where (1 - lam) has reached about 1/4 for t_n = 100 on SDXL's schedule. At 25-50
-inference steps this is the first or second inference step above t_n.
+Hand-off. A fine-tune trained only above t_n can instead finish below t_n + margin with the model
+it started from (``handoff_denoiser``; for a LoRA, the adapter switched off).
 
 The noise attack (``ddim_reconstruct``) starts from x_t at an exact training timestep and
 denoises with deterministic DDIM on integer timesteps; its one-step case is the Tweedie jump.
@@ -40,10 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from sdxl_ambient.images import center_crop_resize, open_image
-from sdxl_ambient.objectives import add_noise, model_output_from_x0, x0_from_model_output
+from sdxl_ambient.objectives import Denoiser, add_noise, model_output_from_x0, x0_from_model_output
 
 # Training timesteps above t_n at which truncated sampling takes its final Tweedie jump
-# (see the module docstring for the schedule figures behind it).
+# (measured in docs/image_results.md, "Jump margin").
 DEFAULT_JUMP_MARGIN = 25
 
 
@@ -264,6 +259,56 @@ def noise_to(latents: torch.Tensor, timestep: int, noise: torch.Tensor, alphas_c
     return add_noise(latents, t, noise, alphas_cumprod)
 
 
+# ----------------------------------------------------------------------------- samplers of a denoiser
+
+
+def sampling_timesteps(num_steps: int, stop: int = 0, start: int = 999) -> torch.Tensor:
+    """Integer timesteps evenly spaced from ``start`` down to ``stop``, both included
+    (``num_steps`` intervals, repeats removed)."""
+    if num_steps < 1 or not 0 <= stop <= start:
+        raise ValueError(f"need num_steps >= 1 and 0 <= stop <= start, got {num_steps}, {stop}, {start}")
+    return torch.linspace(start, stop, num_steps + 1).round().long().unique_consecutive()
+
+
+@torch.no_grad()
+def ddim_denoise(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM from ``x`` at timesteps[0] through the decreasing integer ``timesteps``;
+    returns the denoiser's E[x0 | x_t] at the last of them.
+
+    ``denoiser(x, t)`` -> E[x0 | x_t] with t of shape (B,). Between timesteps,
+    x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps with x0 and eps read from the denoiser at t.
+    Ending at timestep 0 is full sampling; ending at t_n + margin is truncated sampling with its
+    final Tweedie jump."""
+    if len(timesteps) < 1:
+        raise ValueError("ddim_denoise needs at least one timestep")
+    alphas_cumprod = alphas_cumprod.to(x.device)
+    x = x.float()
+    for i, t in enumerate(timesteps):
+        tb = t.to(x.device).repeat(x.shape[0])
+        x0 = denoiser(x, tb).float()
+        if i == len(timesteps) - 1:
+            return x0
+        eps = model_output_from_x0(x0, x, tb, alphas_cumprod, "epsilon")
+        a = alphas_cumprod[timesteps[i + 1]].float()
+        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    raise AssertionError("unreachable")
+
+
+def handoff_denoiser(model: Denoiser, base: Denoiser, below: int) -> Denoiser:
+    """``model`` at timesteps t >= ``below``, ``base`` at t < ``below``: a fine-tune that was never
+    trained below its noise level hands the last steps to the model it started from (for a LoRA,
+    the base is the same network with the adapter switched off)."""
+    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        low = t < below
+        if bool(low.all()):
+            return base(x, t)
+        if not bool(low.any()):
+            return model(x, t)
+        return torch.where(low.reshape(-1, *([1] * (x.ndim - 1))), base(x, t), model(x, t))
+
+    return denoiser
+
+
 def ddim_timesteps(timestep: int, num_steps: int) -> torch.Tensor:
     """``num_steps`` integer timesteps evenly spaced from ``timestep`` down to (not including) 0."""
     if num_steps < 1 or timestep < 1:
@@ -275,20 +320,13 @@ def ddim_timesteps(timestep: int, num_steps: int) -> torch.Tensor:
 def ddim_reconstruct(pipe, cond: Conditioning, x_t: torch.Tensor, timestep: int, num_steps: int) -> torch.Tensor:
     """Deterministic DDIM from x_t at the exact training ``timestep`` to x0 (scaled latents).
 
-    At each t_i (``ddim_timesteps``), x0_i = E[x0 | x_t_i] and eps_i from the guided model output,
-    then x_t_(i+1) = sqrt(abar) x0_i + sqrt(1 - abar) eps_i; the last x0_i is returned. With
-    ``num_steps`` = 1 this is the one-step Tweedie reconstruction."""
+    ``ddim_denoise`` over ``ddim_timesteps`` with E[x0 | x_t] from the guided model output; the
+    last x0 is returned. With ``num_steps`` = 1 this is the one-step Tweedie reconstruction."""
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(x_t.device)
     prediction_type = pipe.scheduler.config.prediction_type
-    ts = ddim_timesteps(timestep, num_steps).to(x_t.device)
-    x = x_t.float()
-    for i, t in enumerate(ts):
-        tb = t.repeat(x.shape[0])
-        out = guided_output(pipe, cond, x.to(pipe.unet.dtype), t).float()
-        x0 = x0_from_model_output(out, x, tb, alphas_cumprod, prediction_type)
-        if i == len(ts) - 1:
-            return x0
-        eps = model_output_from_x0(x0, x, tb, alphas_cumprod, "epsilon")
-        a = alphas_cumprod[ts[i + 1]].float()
-        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    raise ValueError("ddim_reconstruct needs at least one timestep")
+
+    def denoiser(x, tb):
+        out = guided_output(pipe, cond, x.to(pipe.unet.dtype), tb[0]).float()
+        return x0_from_model_output(out, x, tb, alphas_cumprod, prediction_type)
+
+    return ddim_denoise(denoiser, x_t, ddim_timesteps(timestep, num_steps).to(x_t.device), alphas_cumprod)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -34,10 +35,14 @@ def conditioned_unet(unet, prompt_embeds, pooled_prompt_embeds, time_ids, dtype=
     """``net(x_t, t)`` -> the UNet's raw output for this batch's conditioning.
 
     ``net`` accepts k stacked copies of the batch (k*B samples, e.g. the two consistency
-    chains) and repeats the conditioning k times."""
+    chains) and repeats the conditioning k times. ``net.take(n)`` is the same net for the
+    first n samples of the batch (the consistency term on part of the batch)."""
     dtype = dtype or prompt_embeds.dtype
-    cond = (prompt_embeds.to(dtype), pooled_prompt_embeds.to(dtype), time_ids.to(dtype))
-    b = prompt_embeds.shape[0]
+    return _conditioned(unet, (prompt_embeds.to(dtype), pooled_prompt_embeds.to(dtype), time_ids.to(dtype)), dtype)
+
+
+def _conditioned(unet, cond, dtype) -> Net:
+    b = cond[0].shape[0]
 
     def net(x, t):
         k = x.shape[0] // b
@@ -46,6 +51,7 @@ def conditioned_unet(unet, prompt_embeds, pooled_prompt_embeds, time_ids, dtype=
                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)[0]
         return out.float()
 
+    net.take = lambda n: _conditioned(unet, tuple(c[:n] for c in cond), dtype)
     return net
 
 
@@ -80,9 +86,10 @@ class AmbientObjective:
     model has no data; the anchor h(x_tc, t_c) and the chains carry no gradient, the two final
     predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term (weight 0), so a
     clean example's loss is exactly the plain epsilon loss. ``consistency_max_delta`` None is each
-    sample's own t_n (a batch may mix noise levels). On the
-    2-D toy (docs/toy_results.md) this restricted form helped reliably, while applying the term at
-    every t with a trained anchor was slower and at times worse than no term."""
+    sample's own t_n (a batch may mix noise levels). ``consistency_fraction`` (the term on part of
+    the batch) and ``consistency_one_sided`` (one chain's backward pass) make it cheaper. What each
+    form buys at which noise level, and its FLOPs per step: docs/image_results.md ("Part 3"),
+    docs/toy_results.md."""
 
     alphas_cumprod: torch.Tensor
     prediction_type: str = "epsilon"
@@ -91,7 +98,13 @@ class AmbientObjective:
     consistency_weight: float = 0.0
     consistency_steps: int = 1
     consistency_max_delta: int | None = 100  # None: each sample's own t_n
+    consistency_fraction: float = 1.0
+    consistency_one_sided: bool = False
     num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if not 0 < self.consistency_fraction <= 1:
+            raise ValueError(f"consistency_fraction must be in (0, 1], got {self.consistency_fraction}")
 
     def __call__(self, net: Net, observed, observed_timesteps, *, generator=None, use_consistency=True):
         draws = self.draw(observed, observed_timesteps, generator=generator, use_consistency=use_consistency)
@@ -108,10 +121,11 @@ class AmbientObjective:
     def _consistency_draws(self, observed, observed_timesteps, generator):
         """(t_c, noise of x_tc, delta, chain noise per step), in the order ``consistency_loss`` draws them."""
         gen_device = generator.device if generator is not None else observed.device
+        b = self.consistency_size(observed.shape[0])
+        observed, observed_timesteps = observed[:b], observed_timesteps[:b]
         max_delta = self.max_delta(observed_timesteps)
         t_c = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator, window=max_delta)
         noise_c = torch.randn(observed.shape, generator=generator, device=observed.device, dtype=torch.float32)
-        b = observed.shape[0]
         delta = draw_delta(b, max_delta, generator=generator, device=observed.device)
         chain_shape = (2 * b, *observed.shape[1:])
         chain = tuple(torch.randn(chain_shape, generator=generator, device=gen_device, dtype=torch.float32).to(observed.device)
@@ -146,19 +160,35 @@ class AmbientObjective:
             return self.consistency_max_delta
         return observed_timesteps.long().clamp(min=1)
 
+    def consistency_size(self, batch: int) -> int:
+        """k = ceil(f B): the first k samples of the (random) batch get the consistency term."""
+        return batch if self.consistency_fraction >= 1 else max(1, math.ceil(self.consistency_fraction * batch))
+
     def consistency(self, net: Net, y, observed_timesteps, abar, generator=None, draws: StepDraws | None = None):
         """The consistency term from x_tc just above t_n (per sample, (B,)); its random numbers from
-        ``draws`` (``draw``), else from ``generator``."""
+        ``draws`` (``draw``), else from ``generator``.
+
+        With ``consistency_fraction`` f < 1 only the first k = ceil(f B) samples get the term,
+        multiplied by B / k so that its mean over the batch still estimates the full term; the others
+        get 0. The term then calls ``net.take(k)`` when the net has it (``conditioned_unet``: the
+        first k samples' conditioning), else ``net``."""
+        b = y.shape[0]
+        k = self.consistency_size(b)
+        if k < b and hasattr(net, "take"):
+            net = net.take(k)
+
         def denoiser(x, tt):
             return x0_from_model_output(net(x, tt), x, tt, abar, self.prediction_type)
 
         if draws is None or draws.delta is None:
             draws = StepDraws(None, None, *self._consistency_draws(y, observed_timesteps, generator))
-        x_c = renoise(y, observed_timesteps, draws.consistency_timesteps, draws.consistency_noise, abar)
-        weight = self.consistency_weight * (observed_timesteps > 0).float()
-        return consistency_loss(denoiser, x_c, draws.consistency_timesteps, abar, num_steps=self.consistency_steps,
-                                max_delta=self.max_delta(observed_timesteps), weight=weight, anchor_grad=False,
-                                delta=draws.delta, chain_noise=draws.chain_noise)
+        y_k, t_n = y[:k], observed_timesteps[:k]
+        x_c = renoise(y_k, t_n, draws.consistency_timesteps, draws.consistency_noise, abar)
+        weight = self.consistency_weight * (b / k) * (t_n > 0).float()
+        term = consistency_loss(denoiser, x_c, draws.consistency_timesteps, abar, num_steps=self.consistency_steps,
+                                max_delta=self.max_delta(t_n), weight=weight, anchor_grad=False,
+                                one_sided=self.consistency_one_sided, delta=draws.delta, chain_noise=draws.chain_noise)
+        return term if k == b else torch.cat([term, term.new_zeros(b - k)])
 
 
 def _levels(levels: int | Iterable[int]) -> list[int]:

@@ -236,6 +236,87 @@ def test_consistency_loss_gradients_and_arguments(abar64):
         obj.consistency_loss(calls, x_t, t, abar64, num_steps=0)
 
 
+def test_one_sided_consistency_keeps_the_value_and_the_expected_gradient(abar64):
+    """Gradient through chain 1 only, doubled: the same loss value, the same gradient in expectation,
+    and the chains' final calls are B samples with gradients and B without (instead of 2B with)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    grads_seen = []
+
+    def denoiser(x, t):
+        grads_seen.append((x.shape[0], torch.is_grad_enabled()))
+        return model(torch.cat([x, t[:, None].double() / 1000], 1))
+
+    n = 20_000
+    x_t = torch.randn(n, 2, generator=_gen(), dtype=torch.float64)
+    t = torch.randint(100, 200, (n,), generator=_gen(1))
+    anchor = torch.randn(n, 2, generator=_gen(2), dtype=torch.float64)
+    results = {}
+    for one_sided in (False, True):
+        grads_seen.clear()
+        model.zero_grad()
+        loss = obj.consistency_loss(denoiser, x_t, t, abar64, anchor_x0=anchor, max_delta=100, anchor_grad=False,
+                                    one_sided=one_sided, generator=_gen(3))
+        loss.mean().backward()
+        results[one_sided] = (loss.detach(), [p.grad.clone() for p in model.parameters()], list(grads_seen))
+    torch.testing.assert_close(results[True][0], results[False][0])
+    assert results[False][2] == [(2 * n, True)] and results[True][2] == [(n, True), (n, False)]
+    for two, one in zip(results[False][1], results[True][1]):
+        assert (one - two).norm() < 0.05 * two.norm(), ((one - two).norm(), two.norm())
+
+
+def test_consistency_on_part_of_the_batch_is_rescaled_and_takes_the_first_samples(abar64):
+    """consistency_fraction f: the first ceil(f B) samples get the term times B / k (the others 0), through
+    net.take(k) when the net has it; the full batch still gets the ambient loss."""
+    from sdxl_ambient.step import AmbientObjective
+
+    calls = []
+
+    class Net:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __call__(self, x, t):
+            calls.append((self.rows, x.shape[0]))
+            return 0.1 * x * (t[:, None].double() / 1000)
+
+        def take(self, k):
+            return Net(k)
+
+    b = 8
+    y = torch.randn(b, 2, generator=_gen(), dtype=torch.float64)
+    t_n = torch.full((b,), 100)
+    full = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100)
+    part = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100, consistency_fraction=0.25)
+    losses = part(Net(b), y, t_n, generator=_gen(5))
+    assert calls == [(8, 8), (2, 2), (2, 4)]  # ambient on all 8; anchor and both chains on the first 2
+    assert losses["consistency"].shape == (b,) and bool((losses["consistency"][2:] == 0).all())
+    torch.testing.assert_close(losses["loss"], losses["ambient"] + losses["consistency"])
+    # The kept samples' term is 4x what the full-batch form computes for the same draws on those samples.
+    gen = _gen(5)
+    full(Net(b), y, t_n, generator=gen, use_consistency=False)  # same draws as the ambient part above
+    expected = full.consistency(Net(2), y[:2], t_n[:2], abar64, generator=gen)
+    torch.testing.assert_close(losses["consistency"][:2], 4 * expected)
+    with pytest.raises(ValueError, match="consistency_fraction"):
+        AmbientObjective(abar64, consistency_fraction=0.0)
+
+
+def test_conditioned_unet_takes_the_first_samples_conditioning():
+    from sdxl_ambient.step import conditioned_unet
+
+    seen = []
+
+    def unet(x, t, encoder_hidden_states, added_cond_kwargs, return_dict):
+        seen.append((encoder_hidden_states[:, 0, 0].tolist(), added_cond_kwargs["text_embeds"][:, 0].tolist()))
+        return (x,)
+
+    rows = torch.arange(4.0)
+    net = conditioned_unet(unet, rows[:, None, None].expand(4, 3, 5), rows[:, None].expand(4, 6), torch.zeros(4, 6))
+    net.take(2)(torch.zeros(4, 1), torch.zeros(4))  # the two chains of the first 2 samples
+    net(torch.zeros(4, 1), torch.zeros(4))
+    assert seen == [([0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]), ([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0])]
+
+
 # ---- learning from noisy data only, on the 2-D ring mixture (SDXL schedule, t_n = 100) ----
 
 T_N = 100

@@ -214,3 +214,48 @@ def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path, capsys):
     assert_one_line_error(capsys, main(base[:3] + ["--prompts_file", str(tmp_path / "missing.txt"), "--output_dir",
                                                    str(tmp_path / "out")]), "--prompts_file", "no such file")
     assert_one_line_error(capsys, main(base + ["--num_inference_steps", "3.5"]), "--num_inference_steps", "3.5")
+
+
+def test_sampling_timesteps_include_both_ends():
+    assert sampling.sampling_timesteps(4, stop=199).tolist() == [999, 799, 599, 399, 199]
+    assert sampling.sampling_timesteps(10, stop=995).tolist() == [999, 998, 997, 996, 995]
+    assert sampling.sampling_timesteps(2).tolist() == [999, 500, 0]
+    with pytest.raises(ValueError, match="stop"):
+        sampling.sampling_timesteps(3, stop=1000)
+
+
+def test_ddim_denoise_returns_the_denoiser_at_the_last_timestep_and_lands_on_a_point_mass():
+    """Exact denoiser of a single point: DDIM reaches it from pure noise, and the value returned is
+    the denoiser's output at the last timestep (the Tweedie jump when that is t_n + margin)."""
+    abar = DDPMScheduler(**SDXL_SCHEDULER_CONFIG).alphas_cumprod
+    x0 = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def point(x, t):
+        seen.append(t.clone())
+        return x0.expand_as(x)
+
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = sampling.ddim_denoise(point, noise, sampling.sampling_timesteps(5, stop=300), abar)
+    torch.testing.assert_close(out, x0.expand(3, -1, -1, -1))
+    assert [int(t[0]) for t in seen] == [999, 859, 719, 580, 440, 300] and all(t.shape == (3,) for t in seen)
+
+    def shrunk(x, t):  # E[x0 | x_t] of x0 ~ N(0, I): sqrt(abar) x_t
+        return abar[t].sqrt().view(-1, 1, 1, 1) * x
+
+    x_t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    once = sampling.ddim_denoise(shrunk, x_t, torch.tensor([600]), abar)
+    torch.testing.assert_close(once, abar[600].sqrt() * x_t)
+
+
+def test_handoff_denoiser_switches_to_the_base_below_the_threshold():
+    def model(x, t):
+        return torch.ones_like(x)
+
+    def base(x, t):
+        return -torch.ones_like(x)
+
+    h = sampling.handoff_denoiser(model, base, below=300)
+    x = torch.zeros(4, 2)
+    assert h(x, torch.full((4,), 300)).eq(1).all() and h(x, torch.full((4,), 299)).eq(-1).all()
+    assert h(x, torch.tensor([100, 299, 300, 900]))[:, 0].tolist() == [-1, -1, 1, 1]
