@@ -75,10 +75,15 @@ def block_kinds(unet) -> int:
     return len({tuple(p.shape for p in b.parameters()) for b in repeated_blocks(unet)})
 
 
-def step_shapes(latent_shapes, batch_size: int, consistency: bool = False, drop_last: bool = True) -> list[tuple[int, int, int]]:
-    """The (batch, h, w) inputs the UNet sees in training: one per bucket (latent (h, w)), twice the
-    batch too when the consistency term runs; without ``drop_last`` also each bucket's smaller last
-    batch."""
+def step_shapes(latent_shapes, batch_size: int, consistency: bool = False, drop_last: bool = True,
+                consistency_batches=None) -> list[tuple[int, int, int]]:
+    """The (batch, h, w) inputs the UNet sees in training: one per bucket (latent (h, w)); with the
+    consistency term also the batches it runs (``consistency_batches(b)``, e.g. the objective's
+    ``consistency_batches``; by default twice the batch); without ``drop_last`` also each bucket's
+    smaller last batch."""
+    if consistency and consistency_batches is None:
+        def consistency_batches(b):
+            return [2 * b]
     counts = Counter(tuple(s) for s in latent_shapes)
     shapes = set()
     for (h, w), n in counts.items():
@@ -87,8 +92,8 @@ def step_shapes(latent_shapes, batch_size: int, consistency: bool = False, drop_
             sizes.append(n % batch_size)
         for b in sizes:
             shapes.add((b, h, w))
-            if consistency:
-                shapes.add((2 * b, h, w))
+            for k in (consistency_batches(b) if consistency else []):
+                shapes.add((k, h, w))
     return sorted(shapes)
 
 

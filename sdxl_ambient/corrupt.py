@@ -88,7 +88,8 @@ def run(args) -> int:
             raise UserError(f"--ambient_timestep is required for the {len(unleveled)} image(s) without a level of their own "
                             f"(e.g. {unleveled[0]}): give it, or an ambient_timestep column / per-source ambient_timestep")
         components = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                     pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path)
+                                     pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path,
+                                     load_unet=False)  # encoding needs no UNet
         default = 0 if args.ambient_timestep is None else args.ambient_timestep  # only used when every image has its own
         cache = build_cache(args.output_dir, images, components, default, noise_seed=args.noise_seed,
                             shareable=True, batch_size=args.batch_size, shard_size=args.shard_size,

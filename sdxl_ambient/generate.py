@@ -16,7 +16,7 @@ from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import METADATA_FILES
 from sdxl_ambient.images import image_grid
 from sdxl_ambient.outputs import OutputFolder
-from sdxl_ambient.pipelines import load_pipeline
+from sdxl_ambient.pipelines import load_pipeline, trained_timestep
 from sdxl_ambient.sampling import generate_images
 
 SETTINGS = "generate.json"
@@ -66,8 +66,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     parser.add_argument("--prompts_file", default=None, help="text file, one prompt per line")
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
-    parser.add_argument("--ambient_timestep", type=int, default=0,
-                        help="t_n the model was trained at: sample truncated there (0: full sampling)")
+    parser.add_argument("--ambient_timestep", type=int, default=None,
+                        help="t_n the model was trained at: sample truncated there, jumping to x0 from t_n + jump_margin "
+                             "(0: full sampling). Default: the t_n in the training_settings.json beside the LoRA (or in "
+                             "the fine-tune's folder), else 0.")
     add_output_folder_arguments(parser)
     add_sampling_arguments(parser)
 
@@ -80,19 +82,24 @@ def run(args) -> int:
     folder = output_folder(out, len(prompts) * args.num_images_per_prompt)
     inputs = [*input_paths(args), ("--lora_path", args.lora_path), ("--prompts_file", args.prompts_file)]
     with folder.checked_and_locked(inputs, args.overwrite_output_dir):  # before anything is loaded
+        t_n = args.ambient_timestep
+        if t_n is None:  # the model's own training level, as its training_settings.json records it
+            t_n = trained_timestep(args.pretrained_model_name_or_path, args.lora_path) or 0
+            print(f"sampling {'truncated at the trained t_n = ' + str(t_n) if t_n else 'to t = 0'} "
+                  "(--ambient_timestep overrides it)")
         pipe = load_pipeline(args.pretrained_model_name_or_path, lora_path=args.lora_path,
                              vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision, variant=args.variant,
                              scheduler=args.scheduler, device=args.device, dtype=args.dtype, lora_scale=args.lora_scale)
         images, captions = generate_images(
             pipe, prompts, num_images_per_prompt=args.num_images_per_prompt, batch_size=args.batch_size, seed=args.seed,
-            resolution=args.resolution, ambient_timestep=args.ambient_timestep, jump_margin=args.jump_margin,
+            resolution=args.resolution, ambient_timestep=t_n, jump_margin=args.jump_margin,
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
             negative_prompt=args.negative_prompt,
         )
         folder.start(clear=folder.own())
         names = write_images(out, images, captions)
         settings = {k: v for k, v in vars(args).items() if k != "func"}
-        settings.update(scheduler_class=type(pipe.scheduler).__name__, images=names)
+        settings.update(ambient_timestep=t_n, scheduler_class=type(pipe.scheduler).__name__, images=names)
         (out / SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
     print(f"wrote {len(names)} images and grid.png to {out}")
     return 0

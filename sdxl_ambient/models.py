@@ -150,8 +150,8 @@ def load_components(
 
     ``unet_dtype`` / ``text_encoder_dtype``: load those parts directly in this precision (the
     training precision of frozen weights: a LoRA's base UNet, the text encoders). Left None,
-    diffusers makes the UNet float32 whatever its files hold: 10.3 GB for SDXL-base where bf16
-    takes 5.1 GB, and a fp16 file is read beside it. A full fine-tune keeps None (fp32 masters).
+    diffusers makes the UNet float32 whatever its files hold (twice the memory at load; the
+    real-size figures are in BENCHMARKS.md). A full fine-tune keeps None (fp32 masters).
     ``load_unet=False`` leaves ``unet`` None, for jobs that only encode (``corrupt``)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection

@@ -3,8 +3,33 @@ scheduler by name. Used by ``generate``, ``memorization`` and the demo."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.files import SETTINGS_FILE
 from sdxl_ambient.models import lora_file, resolve_device, resolve_dtype, vae_source
+
+
+def trained_timestep(model_path: str | None, lora_path: str | None = None) -> int | None:
+    """The t_n a model was trained at, from the training_settings.json beside its LoRA (or in its
+    full fine-tune's folder): the lowest level of its data ("resolved"); None when there is none."""
+    candidates = []
+    if lora_path:
+        folder = Path(lora_path)
+        candidates.append(folder if folder.is_dir() else folder.parent)
+    elif model_path and Path(model_path).is_dir():
+        candidates.append(Path(model_path))
+    for folder in candidates:
+        settings = folder / SETTINGS_FILE
+        if settings.is_file():
+            try:
+                resolved = json.loads(settings.read_text()).get("resolved", {})
+            except (json.JSONDecodeError, AttributeError):
+                raise UserError(f"{settings} is not a training settings file (not valid JSON)") from None
+            if isinstance(resolved.get("ambient_timestep"), int):
+                return resolved["ambient_timestep"]
+    return None
 
 
 def load_pipeline(pretrained_model_name_or_path: str, *, lora_path: str | None = None, vae_path: str | None = None,

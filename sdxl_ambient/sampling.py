@@ -92,6 +92,12 @@ def truncated_timesteps(scheduler, num_inference_steps: int, stop_timestep: int,
     return timesteps[:keep]
 
 
+def can_truncate(scheduler, num_inference_steps: int, stop_timestep: int, jump_margin: int = DEFAULT_JUMP_MARGIN) -> bool:
+    """Whether ``num_inference_steps`` of this scheduler reach an inference timestep >= t_n + jump_margin."""
+    scheduler.set_timesteps(num_inference_steps)
+    return bool((scheduler.timesteps >= stop_timestep + jump_margin).any())
+
+
 @dataclass
 class Conditioning:
     """Text and micro-conditioning for a batch; with guidance the unconditional half comes first."""
@@ -110,18 +116,27 @@ def encode_conditioning(pipe, prompts: Sequence[str], *, guidance_scale: float, 
                         negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1) -> Conditioning:
     """SDXL's conditioning as the pipeline builds it: both text encoders, pooled embeddings and
     the (original size, crop (0, 0), target size) time ids."""
-    device = pipe._execution_device
     guided = guidance_scale > 1.0
     pe, npe, pooled, npooled = pipe.encode_prompt(
-        prompt=list(prompts), device=device, num_images_per_prompt=num_images_per_prompt,
+        prompt=list(prompts), device=pipe._execution_device, num_images_per_prompt=num_images_per_prompt,
         do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
     )
-    proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+    return embedded_conditioning(pipe, pe, pooled, npe, npooled, guidance_scale=guidance_scale, height=height, width=width)
+
+
+def embedded_conditioning(pipe, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=None,
+                          negative_pooled_prompt_embeds=None, *, guidance_scale: float, height: int, width: int) -> Conditioning:
+    """:class:`Conditioning` from prompt embeddings already encoded (e.g. ``pipe.encode_prompt``'s four
+    outputs), with the (original size, crop (0, 0), target size) time ids."""
+    device = pipe._execution_device
+    pe, pooled = prompt_embeds.to(device), pooled_prompt_embeds.to(device)
     time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
-                                      text_encoder_projection_dim=proj_dim).to(device)
+                                      text_encoder_projection_dim=int(pooled.shape[-1])).to(device)
     time_ids = time_ids.repeat(pe.shape[0], 1)
-    if guided:
-        pe, pooled, time_ids = torch.cat([npe, pe]), torch.cat([npooled, pooled]), torch.cat([time_ids, time_ids])
+    if guidance_scale > 1.0:
+        pe = torch.cat([negative_prompt_embeds.to(device, pe.dtype), pe])
+        pooled = torch.cat([negative_pooled_prompt_embeds.to(device, pooled.dtype), pooled])
+        time_ids = torch.cat([time_ids, time_ids])
     return Conditioning(pe, pooled, time_ids, float(guidance_scale))
 
 
@@ -229,12 +244,22 @@ def sample(pipe, prompts: Sequence[str], *, ambient_timestep: int = 0, jump_marg
         return pipe(prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, generator=generator, height=height, width=width,
                     num_images_per_prompt=num_images_per_prompt).images
-    device = pipe._execution_device
     cond = encode_conditioning(pipe, prompts, guidance_scale=guidance_scale, height=height, width=width,
                                negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt)
+    return sample_truncated(pipe, cond, ambient_timestep=ambient_timestep, jump_margin=jump_margin,
+                            num_inference_steps=num_inference_steps, generator=generator, height=height, width=width)
+
+
+@torch.no_grad()
+def sample_truncated(pipe, cond: Conditioning, *, ambient_timestep: int, jump_margin: int = DEFAULT_JUMP_MARGIN,
+                     num_inference_steps: int = 30, generator=None, height: int, width: int) -> list:
+    """PIL images for a conditioning: denoise down to the last inference timestep >= t_n + jump_margin
+    and decode the Tweedie jump E[x0 | x_t] from there."""
+    device = pipe._execution_device
+    batch = cond.prompt_embeds.shape[0] // (2 if cond.guided else 1)
     timesteps = truncated_timesteps(_vp_scheduler(pipe), num_inference_steps, ambient_timestep, jump_margin, device)
-    latents = pipe.prepare_latents(len(prompts) * num_images_per_prompt, pipe.unet.config.in_channels, height, width,
-                                   cond.prompt_embeds.dtype, device, generator)
+    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, cond.prompt_embeds.dtype, device,
+                                   generator)
     x0 = truncated_denoise(pipe, cond, latents, timesteps, generator)
     return decode_latents(pipe, x0)
 

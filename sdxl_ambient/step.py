@@ -164,6 +164,12 @@ class AmbientObjective:
         """k = ceil(f B): the first k samples of the (random) batch get the consistency term."""
         return batch if self.consistency_fraction >= 1 else max(1, math.ceil(self.consistency_fraction * batch))
 
+    def consistency_batches(self, batch: int) -> list[int]:
+        """The batch sizes the consistency term runs the UNet at: the anchor's k, the two chains' 2k
+        (and the one-sided final prediction's k)."""
+        k = self.consistency_size(batch)
+        return [k, 2 * k]
+
     def consistency(self, net: Net, y, observed_timesteps, abar, generator=None, draws: StepDraws | None = None):
         """The consistency term from x_tc just above t_n (per sample, (B,)); its random numbers from
         ``draws`` (``draw``), else from ``generator``.
@@ -191,6 +197,10 @@ class AmbientObjective:
         return term if k == b else torch.cat([term, term.new_zeros(b - k)])
 
 
+# From this t_n up, every consistency form measured on real digits made samples worse than no term.
+HARMFUL_CONSISTENCY_LEVEL = 500
+
+
 def _levels(levels: int | Iterable[int]) -> list[int]:
     return [levels] if isinstance(levels, int) else sorted(set(levels))
 
@@ -206,6 +216,8 @@ class ObjectiveSettings:
     consistency_steps: int = 1
     consistency_max_delta: int | None = None  # None: t_n (each example's own when levels differ)
     consistency_start_step: int = 0
+    consistency_fraction: float = 0.25  # kept its measured benefit at 1.58x an ambient step (docs/image_results.md)
+    consistency_one_sided: bool = False
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
@@ -220,6 +232,13 @@ class ObjectiveSettings:
                 raise UserError(f"--{flag} {value} must be >= 1")
         if self.consistency_start_step < 0:
             raise UserError(f"--consistency_start_step {self.consistency_start_step} must be >= 0")
+        if not 0 < self.consistency_fraction <= 1:
+            raise UserError(f"--consistency_fraction {self.consistency_fraction} must be in (0, 1]")
+
+    def harmful_levels(self, levels: int | Iterable[int]) -> list[int]:
+        """The noise levels at which every consistency form measured made samples worse (t_n >= 500 on
+        real digits, docs/image_results.md Part 3): the trainer warns when the term is on there."""
+        return [level for level in _levels(levels) if level >= HARMFUL_CONSISTENCY_LEVEL] if self.consistency_weight > 0 else []
 
     def check_timestep(self, levels: int | Iterable[int], num_train_timesteps: int = 1000) -> None:
         """Each t_n must lie on the schedule, and the consistency term needs noisy data."""
@@ -247,7 +266,8 @@ class ObjectiveSettings:
                 "loss_weight_cap": DEFAULT_WEIGHT_CAP if self.weight_cap is None else self.weight_cap,
                 "consistency_weight": self.consistency_weight, "consistency_steps": self.consistency_steps,
                 "consistency_max_delta": "t_n of each example" if max_delta is None else max_delta,
-                "consistency_start_step": self.consistency_start_step}
+                "consistency_start_step": self.consistency_start_step,
+                "consistency_fraction": self.consistency_fraction, "consistency_one_sided": self.consistency_one_sided}
 
     def build(self, levels: int | Iterable[int], noise_scheduler, device=None) -> AmbientObjective:
         """The objective for data at these t_n on this noise schedule (checked first)."""
@@ -260,4 +280,5 @@ class ObjectiveSettings:
             weighting=r["loss_weighting"], weight_cap=r["loss_weight_cap"],
             consistency_weight=r["consistency_weight"], consistency_steps=r["consistency_steps"],
             consistency_max_delta=r["consistency_max_delta"], num_train_timesteps=num_timesteps,
+            consistency_fraction=self.consistency_fraction, consistency_one_sided=self.consistency_one_sided,
         )

@@ -113,6 +113,10 @@ def make_accelerator(flags):
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("FSDP is not supported yet (sharded parameters break EMA, validation and the weight hooks): "
                         "use DDP (configs/accelerate_ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate_deepspeed_zero2.yaml)")
+    dynamo = getattr(accelerator.state, "dynamo_plugin", None)
+    if flags.torch_compile and dynamo is not None and str(getattr(dynamo.backend, "value", dynamo.backend)).lower() != "no":
+        raise UserError("--torch_compile compiles the UNet's blocks itself: launch with accelerate's --dynamo_backend no "
+                        "(or leave out --torch_compile), or the whole model is compiled twice")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         if flags.train_text_encoder:
@@ -187,6 +191,21 @@ def setup_trainable(flags, components, device, weight_dtype):
         except Exception as exc:  # xformers missing or unusable on this device
             raise UserError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({exc})") from None
     return trained, [p for m in trained for p in m.parameters() if p.requires_grad]
+
+
+def compile_blocks(flags, unet, latent_shapes, objective, validating: bool) -> None:
+    """--torch_compile: compile the UNet's repeated blocks with static shapes, room for one graph per
+    input shape a step feeds them (each bucket's batch, its last partial batch, the consistency
+    term's batches) plus validation's. The batches stay what they are in eager mode."""
+    from sdxl_ambient import compile as fast
+
+    shapes = fast.step_shapes(latent_shapes, flags.train_batch_size, consistency=objective.consistency_weight > 0,
+                              drop_last=False, consistency_batches=objective.consistency_batches)
+    # room for a graph per block and shape: dynamo keeps its graphs per code object, which all blocks share
+    fast.configure_static_shapes(len(shapes) + (2 if validating else 0), len(fast.repeated_blocks(unet)))
+    count = fast.compile_unet(unet, mode=flags.torch_compile_mode)
+    logger.info("--torch_compile: compiled %d repeated blocks for %d input shapes (the first steps of each shape compile)",
+                count, len(shapes))
 
 
 def param_groups(trained: list, learning_rate: float, text_encoder_lr: float) -> list[dict]:
@@ -468,7 +487,9 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
 
     # SDXL parts and the noisy-latent cache (the only data the loop ever sees), less the held-out examples
     components = models.load_components(flags.pretrained_model_name_or_path, revision=flags.revision, variant=flags.variant,
-                                        pretrained_vae_model_name_or_path=flags.pretrained_vae_model_name_or_path)
+                                        pretrained_vae_model_name_or_path=flags.pretrained_vae_model_name_or_path,
+                                        unet_dtype=weight_dtype if flags.finetune == "lora" else None,
+                                        text_encoder_dtype=weight_dtype)  # frozen weights loaded as they train
     if flags.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=flags.prediction_type)
     place_frozen(flags, components, accelerator.device, weight_dtype)
@@ -489,6 +510,9 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
 
     # what trains, the optimizer and the LR schedule
     trained, params = setup_trainable(flags, components, accelerator.device, weight_dtype)
+    if flags.torch_compile:
+        compile_blocks(flags, components.unet, cache.latent_shapes(), objective,
+                       validating=cfg.validation is not None or held_out is not None)
     optimizer = cfg.optimizer.build(param_groups(trained, resolved.learning_rate,
                                                  resolved.text_encoder_lr or resolved.learning_rate))
     ema = None
@@ -599,6 +623,10 @@ def prompt_conditioning(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tens
 def forward_backward(run: Run, batch: dict, step: int) -> torch.Tensor:
     """The objective on one micro-batch, backpropagated; returns (loss, ambient, consistency) on the device."""
     batch = {k: v.to(run.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if run.flags.torch_compile and run.flags.torch_compile_mode == "reduce-overhead":
+        from sdxl_ambient.compile import mark_step_begin
+
+        mark_step_begin()  # CUDA graphs: the previous step's outputs may be overwritten now
     prompt_embeds, pooled = prompt_conditioning(run, batch)
     net = conditioned_unet(run.trained[0], prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
     with run.accelerator.autocast():
@@ -732,14 +760,16 @@ def abandon_uploads(run: Run) -> None:
 
 
 def validate(run: Run, step: int, final: bool = False):
-    """Validation images with the current weights, on the main process (prompts re-encoded when the text encoders train)."""
+    """Validation images with the current weights, on the main process (prompts re-encoded when the
+    text encoders train), sampled as ``generate`` samples this run's model by default."""
     from sdxl_ambient import validation
 
     prompts = validation.encode_prompts(run.components, run.cfg.validation) if run.flags.train_text_encoder else run.val_prompts
     common = (run.components, run.cfg.validation, prompts, run.accelerator, run.weight_dtype, run.resolved.seed)
+    t_n = run.resolved.ambient_timestep  # the lowest level with data: truncated above it, full sampling when 0
     if final:
-        return validation.final_images(*common, run.flags.output_dir)
-    return validation.log_validation(*common, step, run.flags.output_dir)
+        return validation.final_images(*common, run.flags.output_dir, ambient_timestep=t_n)
+    return validation.log_validation(*common, step, run.flags.output_dir, ambient_timestep=t_n)
 
 
 def validation_loss(run: Run, step: int) -> dict:
@@ -810,6 +840,11 @@ def announce(run: Run, step: int) -> None:
     logger.info("%d examples, %d steps per epoch, %d steps, t_n=%d, consistency weight %g, on %d processes",
                 len(run.cache), run.steps_per_epoch, run.max_steps, run.resolved.ambient_timestep,
                 run.objective.consistency_weight, run.accelerator.num_processes)
+    harmful = run.cfg.objective.harmful_levels(run.cache.levels)
+    if harmful:
+        logger.warning("the consistency term is on for data at t_n %s: on real images every form measured at t_n >= 500 "
+                       "made samples worse than no term (docs/image_results.md, Part 3); consider --consistency_weight 0",
+                       harmful)
     for source in run.resolved.data_sources:
         logger.info("data source %s: %d examples, repeats %d, t_n %s", source["name"], source["examples"],
                     source["repeats"], source["ambient_timestep"])

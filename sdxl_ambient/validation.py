@@ -16,6 +16,7 @@ from sdxl_ambient.files import SAMPLES_DIR, VALIDATION_DIR
 from sdxl_ambient.images import image_grid
 
 logger = logging.getLogger(__name__)
+GUIDANCE_SCALE = 5.0  # diffusers' SDXL default
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,13 @@ def encode_prompts(components, settings: ValidationSettings) -> dict:
 
 
 @torch.no_grad()
-def sample_images(components, settings: ValidationSettings, prompts: dict, accelerator, weight_dtype, seed: int):
-    """``settings.num_images`` images of the validation prompt with the UNet being trained."""
+def sample_images(components, settings: ValidationSettings, prompts: dict, accelerator, weight_dtype, seed: int,
+                  ambient_timestep: int = 0):
+    """``settings.num_images`` images of the validation prompt with the UNet being trained: for data
+    at t_n > 0 truncated, with the Tweedie jump from t_n + DEFAULT_JUMP_MARGIN (the sampler that won
+    on real images, docs/image_results.md), else the pipeline's full sampling."""
+    from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN, can_truncate, embedded_conditioning, sample_truncated
+
     unet_module = accelerator.unwrap_model(components.unet)
     was_training = unet_module.training
     unet_module.eval()
@@ -63,21 +69,33 @@ def sample_images(components, settings: ValidationSettings, prompts: dict, accel
     generator = torch.Generator(device=device).manual_seed(seed)
     embeds = {k: v.to(device=device, dtype=weight_dtype) for k, v in prompts.items()}
     images = []
+    size = dict(height=settings.resolution, width=settings.resolution)
+    if ambient_timestep > 0 and not can_truncate(pipe.scheduler, settings.inference_steps, ambient_timestep):
+        logger.warning("--validation_inference_steps %d gives no inference step at or above t_n + jump margin = %d: "
+                       "validation images are sampled to t = 0", settings.inference_steps, ambient_timestep + DEFAULT_JUMP_MARGIN)
+        ambient_timestep = 0
     with accelerator.autocast():
         for _ in range(settings.num_images):
-            images += pipe(**embeds, num_inference_steps=settings.inference_steps, generator=generator,
-                           height=settings.resolution, width=settings.resolution).images
+            if ambient_timestep > 0:
+                cond = embedded_conditioning(pipe, embeds["prompt_embeds"], embeds["pooled_prompt_embeds"],
+                                             embeds["negative_prompt_embeds"], embeds["negative_pooled_prompt_embeds"],
+                                             guidance_scale=GUIDANCE_SCALE, **size)
+                images += sample_truncated(pipe, cond, ambient_timestep=ambient_timestep,
+                                           num_inference_steps=settings.inference_steps, generator=generator, **size)
+            else:
+                images += pipe(**embeds, num_inference_steps=settings.inference_steps, generator=generator,
+                               guidance_scale=GUIDANCE_SCALE, **size).images
     if was_training:
         unet_module.train()
     return images
 
 
 def log_validation(components, settings: ValidationSettings, prompts, accelerator, weight_dtype, seed: int,
-                   step: int, output_dir) -> Path:
+                   step: int, output_dir, ambient_timestep: int = 0) -> Path:
     """Sample the validation images, log them to every tracker and save ``validation/step-N.png``."""
     import numpy as np
 
-    images = sample_images(components, settings, prompts, accelerator, weight_dtype, seed)
+    images = sample_images(components, settings, prompts, accelerator, weight_dtype, seed, ambient_timestep)
     out = Path(output_dir) / VALIDATION_DIR / f"step-{step:06d}.png"
     if accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +112,9 @@ def log_validation(components, settings: ValidationSettings, prompts, accelerato
 
 
 def final_images(components, settings: ValidationSettings, prompts, accelerator, weight_dtype, seed: int,
-                 output_dir) -> list[Path]:
+                 output_dir, ambient_timestep: int = 0) -> list[Path]:
     """Sample images with the final weights into OUTPUT_DIR/samples for the model card."""
-    images = sample_images(components, settings, prompts, accelerator, weight_dtype, seed)
+    images = sample_images(components, settings, prompts, accelerator, weight_dtype, seed, ambient_timestep)
     folder = Path(output_dir) / SAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -33,7 +33,7 @@ def test_a_clean_example_in_a_mixed_batch_gets_exactly_the_plain_loss(scheduler)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     net = lambda x, t: conv(x)  # noqa: E731  (per sample, so the clean sample's loss depends on it alone)
-    objective = ObjectiveSettings(consistency_weight=1.0).build([0, 500], scheduler)
+    objective = ObjectiveSettings(consistency_weight=1.0, consistency_fraction=1.0).build([0, 500], scheduler)
     assert objective.consistency_max_delta == 500
     y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t_n = torch.tensor([0, 500])
@@ -55,7 +55,7 @@ def test_a_clean_example_in_a_mixed_batch_gets_exactly_the_plain_loss(scheduler)
 def test_the_consistency_chains_reach_below_each_examples_own_level(scheduler):
     """Levels differ: by default each example's chains start in [t_n, 2 t_n) and go down by up to its own t_n,
     so an example at 500 reaches far below 400 while one at 100 never goes below 0 or starts above 199."""
-    objective = ObjectiveSettings(consistency_weight=1.0).build([100, 500], scheduler)
+    objective = ObjectiveSettings(consistency_weight=1.0, consistency_fraction=1.0).build([100, 500], scheduler)
     assert objective.consistency_max_delta is None
     assert ObjectiveSettings().resolved([0, 100, 500])["consistency_max_delta"] == "t_n of each example"
     assert ObjectiveSettings().resolved([0, 300])["consistency_max_delta"] == 300

@@ -259,3 +259,68 @@ def test_handoff_denoiser_switches_to_the_base_below_the_threshold():
     x = torch.zeros(4, 2)
     assert h(x, torch.full((4,), 300)).eq(1).all() and h(x, torch.full((4,), 299)).eq(-1).all()
     assert h(x, torch.tensor([100, 299, 300, 900]))[:, 0].tolist() == [-1, -1, 1, 1]
+
+
+class _OneProcess:
+    """The part of accelerate that validation sampling uses."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+    trackers = []
+
+    def unwrap_model(self, model):
+        return model
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_validation_images_of_an_ambient_run_are_the_truncated_samples_generate_makes(tiny_pipeline_dir, monkeypatch):
+    """For data at t_n > 0 the validation images are the Tweedie-jump samples that `generate` makes of
+    the same model (the sampler that won on real images); for clean data the pipeline's full sampling."""
+    from sdxl_ambient import models, validation
+    from sdxl_ambient.pipelines import load_pipeline
+
+    components = models.load_components(str(tiny_pipeline_dir))
+    settings = validation.ValidationSettings(prompt="a ginger cat", num_images=1, inference_steps=4, resolution=64)
+    prompts = validation.encode_prompts(components, settings)
+    jumps, real = [], sampling.truncated_denoise
+    monkeypatch.setattr(sampling, "truncated_denoise", lambda pipe, cond, latents, ts, g=None: jumps.append(ts) or real(
+        pipe, cond, latents, ts, g))
+    truncated = validation.sample_images(components, settings, prompts, _OneProcess(), torch.float32, seed=3,
+                                         ambient_timestep=300)
+    assert len(jumps) == 1 and float(jumps[0].min()) >= 300 + sampling.DEFAULT_JUMP_MARGIN
+    full = validation.sample_images(components, settings, prompts, _OneProcess(), torch.float32, seed=3)
+    assert len(jumps) == 1  # clean data: the pipeline's own full sampling
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu", dtype="float32", scheduler="EulerDiscreteScheduler")
+    expected = sampling.sample(pipe, ["a ginger cat"], ambient_timestep=300, num_inference_steps=4, height=64, width=64,
+                               generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(np.asarray(truncated[0], dtype=float), np.asarray(expected[0], dtype=float), atol=1)
+    assert np.abs(np.asarray(full[0], dtype=float) - np.asarray(truncated[0], dtype=float)).max() > 0
+
+
+def test_generate_and_memorization_sample_a_model_at_its_trained_level_by_default(tiny_pipeline_dir, tmp_path, capsys):
+    """A model folder whose training_settings.json records t_n = 300 is sampled truncated there unless
+    --ambient_timestep says otherwise; a model without one is sampled to t = 0."""
+    import shutil
+
+    from sdxl_ambient.evaluation.memorization import model_timesteps
+
+    model = tmp_path / "finetuned"
+    shutil.copytree(tiny_pipeline_dir, model)
+    (model / "training_settings.json").write_text(json.dumps({"ambient_timestep": None, "resolved": {"ambient_timestep": 300}}))
+
+    def generate(name, *extra):
+        out = tmp_path / name
+        assert main(["generate", "--pretrained_model_name_or_path", str(model), "--prompt", "a cat", "--resolution", "64",
+                     "--num_inference_steps", "4", "--output_dir", str(out), *extra]) == 0
+        return json.loads((out / "generate.json").read_text())["ambient_timestep"], np.asarray(Image.open(out / "00000.png"))
+
+    default, given, full = generate("default"), generate("given", "--ambient_timestep", "300"), generate("full", "--ambient_timestep", "0")
+    assert (default[0], given[0], full[0]) == (300, 300, 0)
+    assert np.array_equal(default[1], given[1]) and not np.array_equal(default[1], full[1])
+    assert "truncated at the trained t_n = 300" in capsys.readouterr().out
+    specs = [("tuned", str(model), None), ("base", str(tiny_pipeline_dir), None), ("forced", str(model), None)]
+    assert model_timesteps(specs, {"forced": 0}) == {"tuned": 300, "base": 0, "forced": 0}

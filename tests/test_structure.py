@@ -12,9 +12,9 @@ from helpers import ROOT
 LAYERS = [
     {"errors", "files", "durable", "text", "lora_formats", "compile"},
     {"objectives", "images", "tiny", "outputs"},
-    {"step", "data", "sampling", "models", "checkpointing", "hub", "validation", "optimizers", "evaluation.features",
+    {"step", "data", "sampling", "models", "checkpointing", "hub", "optimizers", "evaluation.features",
      "evaluation.report"},
-    {"cache", "heldout", "pipelines", "toy"},
+    {"cache", "heldout", "pipelines", "toy", "validation"},
     {"config"},
     {"train", "corrupt", "generate", "demo", "cli", "push", "evaluation.memorization", "evaluation.quality"},
 ]

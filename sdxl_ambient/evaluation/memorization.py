@@ -282,6 +282,14 @@ def parse_truncation(specs: Sequence[str] | None, names: Sequence[str]) -> dict[
     return out
 
 
+def model_timesteps(specs: Sequence[tuple[str, str, str | None]], given: dict[str, int]) -> dict[str, int]:
+    """Each model's sampling t_n: given (``--ambient_timestep NAME=T_N``), else the level it was trained
+    at (``pipelines.trained_timestep``), else 0 (full sampling)."""
+    from sdxl_ambient.pipelines import trained_timestep
+
+    return {name: given[name] if name in given else (trained_timestep(base, lora) or 0) for name, base, lora in specs}
+
+
 REPORT_FILES = ("memorization.json", "memorization.md", "histogram.png", "top_matches.png", "noise_attack.png")
 
 
@@ -292,7 +300,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=BASE[:LORA]",
                         help="a model to test (repeat for several): base model or full fine-tune, optional LoRA")
     parser.add_argument("--ambient_timestep", action="append", metavar="NAME=T_N",
-                        help="sample model NAME truncated at its training noise level t_n (default: full sampling)")
+                        help="sample model NAME truncated at t_n (0: full sampling). Default: the t_n in the "
+                             "training_settings.json beside its LoRA (or in its fine-tune's folder), else 0")
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="DINOv2 Hub name or local folder")
     parser.add_argument("--clip_model", default=None, help="optional CLIP model (Hub name or folder): a second similarity")
     parser.add_argument("--num_images", type=int, default=100, help="images generated per model")
@@ -369,7 +378,7 @@ def run(args) -> int:
     with folder.checked_and_locked(inputs, args.overwrite_output_dir):
         paths = evaluate_models(
             specs, data_source(args), args.output_dir, embedder=args.embedder, clip_model=args.clip_model,
-            truncation=parse_truncation(args.ambient_timestep, [s[0] for s in specs]),
+            truncation=model_timesteps(specs, parse_truncation(args.ambient_timestep, [s[0] for s in specs])),
             num_images=args.num_images, num_attack_images=args.num_attack_images, attack_timestep=args.attack_timestep,
             attack_steps=args.attack_steps, top_k=args.top_k, seed=args.seed, resolution=args.resolution,
             batch_size=args.batch_size, device=args.device,
