@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdxl_ambient.compile import block_kinds, compile_unet, configure_static_shapes, mark_step_begin  # noqa: E402
 from sdxl_ambient.models import UNET_ATTENTION_TARGETS, add_unet_lora, cast_training_params  # noqa: E402
-from sdxl_ambient.step import AmbientObjective, conditioned_unet  # noqa: E402
+from sdxl_ambient.step import AmbientObjective, ObjectiveSettings, conditioned_unet  # noqa: E402
 from sdxl_ambient.tiny import SDXL_SCHEDULER_CONFIG  # noqa: E402
 
 CASES = ("baseline", "plain-loss", "ambient", "ambient+consistency")
@@ -443,8 +443,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--ambient_timestep", type=int, default=100, help="t_n of the ambient cases")
     p.add_argument("--consistency_weight", type=float, default=0.1, help="of the ambient+consistency case")
-    p.add_argument("--consistency_fraction", type=float, default=1.0,
-                   help="ambient+consistency: the term on this fraction of the batch (AmbientObjective.consistency_fraction)")
+    p.add_argument("--consistency_fraction", type=float, default=ObjectiveSettings().consistency_fraction,
+                   help="ambient+consistency: the term on this fraction of the batch (default: the trainer's)")
     p.add_argument("--consistency_one_sided", action="store_true",
                    help="ambient+consistency: gradient through one chain only (AmbientObjective.consistency_one_sided)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="in every case")
