@@ -5,8 +5,8 @@ UNet 2,567,463,684 parameters, VAE, CLIP-L and OpenCLIP-G text encoders, schedul
 weights, two CLIP tokenizers of the real vocabulary size (49,408 tokens) and a few images at SDXL
 sizes, then runs the project's commands on it as a user would, each in a subprocess:
 
-    load-*        models.load_components as the commands call it now (the UNet made float32), and the
-                  proposed calls: frozen parts in bf16 (LoRA trainer), no UNet (corrupt)
+    load-*        models.load_components three ways: the UNet made float32 (what --finetune full trains),
+                  frozen parts in bf16 (the LoRA trainer's call), no UNet (corrupt's call)
     corrupt       sdxl-ambient corrupt at 1024 px (aspect-ratio buckets) on a few images
     train-512     accelerate launch train_sdxl_ambient.py: LoRA, bf16, 512 px, a few steps
     train-1024    the same, one step at 1024 px on the corrupt dataset (gradient checkpointing)
@@ -402,10 +402,10 @@ def plan(work: Path, args, unet_parameters: int) -> list[tuple[str, str, list[st
         f"{min(available, args.max_rss_gib):.1f} GiB allowed here")
     load = [sys.executable, str(Path(__file__).resolve()), "load", "--pipeline", str(work / "pipeline")]
     return [
-        ("load-fp32", "models.load_components as the trainer and corrupt call it (UNet made float32)", load, None),
-        ("load-bf16", "models.load_components(unet_dtype=bf16, text_encoder_dtype=bf16): the proposed LoRA trainer call",
+        ("load-fp32", "models.load_components with the UNet made float32 (as --finetune full loads it)", load, None),
+        ("load-bf16", "models.load_components(unet_dtype=bf16, text_encoder_dtype=bf16): the LoRA trainer's call",
          [*load, "--dtype", "bf16"], None),
-        ("load-encoders", "models.load_components(load_unet=False): the proposed corrupt call", [*load, "--no_unet"], None),
+        ("load-encoders", "models.load_components(load_unet=False): corrupt's call", [*load, "--no_unet"], None),
         ("corrupt", f"sdxl-ambient corrupt, {NUM_IMAGES} images, 1024 px buckets, t_n=100",
          cli("corrupt", "--pretrained_model_name_or_path", work / "pipeline", "--train_data_dir", images,
              "--output_dir", corrupted, "--ambient_timestep", 100, "--resolution", 1024, "--enable_bucket",

@@ -362,7 +362,9 @@ def targets(results: list[dict], ratio_table: dict) -> list[dict]:
               ratio_table.get("lora/b8", {}).get("ambient_speedup_vs_baseline"), 1.8, True),
         check("ambient loss over plain loss <= 3% (worst case)", worst("ambient_overhead_vs_plain_loss", max), 0.03, False),
         check("ambient+consistency / ambient <= 2 (worst case)", worst("consistency_vs_ambient", max), 2.0, False),
-        check("ambient LoRA at batch 1: peak memory <= 12 GiB", lora_b1["peak_memory_gib"] if lora_b1 else None, 12.0, False),
+        # The memory plan (BENCHMARKS.md) needs --gradient_checkpointing for this bound; the trainer's own run in
+        # gpu_run.py checks it too.
+        check("ambient LoRA at batch 1: peak memory <= 8 GiB", lora_b1["peak_memory_gib"] if lora_b1 else None, 8.0, False),
     ]
 
 
