@@ -1,26 +1,29 @@
-"""Everything issue 10 measures on a GPU, in one call of the lent machine, within a time budget.
+"""Every real-size GPU measurement of BENCHMARKS.md in one call of a GPU machine, within a time budget.
 
     python3 benchmarks/gpu_run.py                 # on the GPU machine: real-size SDXL-base, results in $OUT
     python benchmarks/gpu_run.py --tiny           # here on the CPU: the same parts on the tiny model, minutes
 
-Parts, in order, each a subprocess with its log in ``$OUT`` and a time limit taken from what is left
-of ``--budget_s``:
+Parts, in order of what they settle (each a subprocess with its log in ``$OUT`` and a time limit taken
+from what is left of ``--budget_s``):
 
     build            the random real-size SDXL-base folder (benchmarks/real_size.py build) and 4 images;
                      the real CLIP vocabulary when .whl/bpe/open_clip_torch-*.whl was carried, else the
                      synthetic one of the same size
     train-ckpt       accelerate launch train_sdxl_ambient.py: LoRA r4, bf16, 1024 px, batch 1, cached
-                     latents and embeddings, --gradient_checkpointing, 20 steps; peak CUDA memory and the
-                     median step time (benchmarks/peak_memory.py), host syncs counted after step 3
-    train-zero2      the same under DeepSpeed ZeRO-2 (configs/accelerate_deepspeed_zero2.yaml), one
-                     process, 5 steps; skipped with a message where deepspeed is not installed
-    step-benchmark   benchmarks/step_benchmark.py on the real UNet: baseline, plain-loss, ambient,
+                     latents and embeddings, --gradient_checkpointing, 20 steps; peak CUDA memory of the
+                     training steps (after the first; the whole run's peak beside it) and the median step
+                     time (benchmarks/peak_memory.py), host syncs counted after step 3
+    step-compiled    step_benchmark.py with the UNet's blocks compiled (--compile default): LoRA, baseline
+                     (eager) against the project's ambient step, batch 1 and 8: the speed targets
+    step-benchmark   benchmarks/step_benchmark.py on the real UNet, eager: baseline, plain-loss, ambient,
                      ambient+consistency; LoRA and full; batch 1 and 8 (its JSON survives a cut-off run)
+    train-zero2      the same as train-ckpt under DeepSpeed ZeRO-2 (configs/accelerate_deepspeed_zero2.yaml),
+                     one process, 5 steps; skipped with a message where deepspeed is not installed
     train-nockpt     train-ckpt without --gradient_checkpointing (the memory it saves), if time is left
 
 ``$OUT/gpu_run.json`` holds every part's return code, wall time and measurements, rewritten after each
-part; ``$OUT/gpu_run.md`` the tables to paste into BENCHMARKS.md. Eight files at most come back from the
-device machine: gpu_run.json, gpu_run.md, step_benchmark.json and five logs.
+part; ``$OUT/gpu_run.md`` the tables to paste into BENCHMARKS.md. Ten files at most come back from the
+device machine: gpu_run.json, gpu_run.md, the two step benchmarks' JSON and a log per part.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
+
+
+PARTS = ("build", "train-ckpt", "step-compiled", "step-benchmark", "train-zero2", "train-nockpt")
 
 
 def env_for_children(work: Path) -> dict:
@@ -112,24 +118,26 @@ def markdown(report: dict) -> str:
     lines = [(f"{env['device']} ({env.get('nvidia_smi') or 'no nvidia-smi'}), torch {env['torch']} (CUDA {env['cuda']}), "
               f"diffusers {env['diffusers']}, transformers {env['transformers']}, peft {env['peft']}, "
               f"accelerate {env['accelerate']}, deepspeed {env['deepspeed']}; {env['date_utc']} UTC"), "",
-             ("| part | result | wall (s) | optimizer steps | median step (s) | peak allocated (GiB) | peak reserved (GiB) | "
-              "host syncs after step 3 |"),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             ("| part | result | wall (s) | optimizer steps | median step (s) | peak allocated, training steps (GiB) | "
+              "peak reserved, training steps (GiB) | peak allocated, whole run (GiB) | host syncs after step 3 |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for part in report["parts"]:
         peak = part.get("peak") or {}
         result = part.get("skipped") or ("ok" if part.get("returncode") == 0 else f"rc={part.get('returncode')}")
         syncs = peak.get("host_syncs_after_step_3")
         lines.append(f"| {part['part']} | {result} | {part.get('wall_s', '')} | {peak.get('optimizer_steps', '')} | "
                      f"{peak.get('median_step_s', '')} | {peak.get('max_memory_allocated_gib', '')} | "
-                     f"{peak.get('max_memory_reserved_gib', '')} | "
+                     f"{peak.get('max_memory_reserved_gib', '')} | {peak.get('run_max_memory_allocated_gib', '')} | "
                      f"{'' if syncs is None else (sum(syncs.values()), list(syncs)[:3])} |")
     trained = {part["part"]: (part.get("peak") or {}).get("max_memory_allocated_gib") for part in report["parts"]}
     for part in ("train-ckpt", "train-nockpt"):
         if trained.get(part) is not None:
             lines.append(f"\nTarget, LoRA at batch 1 (1024 px, cached latents and embeddings) within 8 GiB: {part} "
                          f"peak allocated {trained[part]:.2f} GiB: {'met' if trained[part] <= 8 else 'NOT met'}")
-    if report.get("step_benchmark_table"):
-        lines += ["", report["step_benchmark_table"]]
+    for key, title in (("step_benchmark_table", "Step benchmark, eager"),
+                       ("step_compiled_table", "Step benchmark, the project's cases compiled (--compile default)")):
+        if report.get(key):
+            lines += ["", f"{title}:", "", report[key]]
     return "\n".join(lines) + "\n"
 
 
@@ -138,9 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a rehearsal of the GPU run)")
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "gpu_out")), help="results and logs (default $OUT)")
     p.add_argument("--workdir", default="/tmp/sdxl-gpu-run", help="pipeline, images, training outputs (about 8 GB)")
-    p.add_argument("--budget_s", type=float, default=530.0, help="wall-clock budget of the whole run")
+    p.add_argument("--budget_s", type=float, default=420.0, help="wall-clock budget of the whole run")
     p.add_argument("--steps", type=int, default=20, help="trainer steps of train-ckpt and train-nockpt")
-    p.add_argument("--parts", nargs="+", default=["build", "train-ckpt", "train-zero2", "step-benchmark", "train-nockpt"])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     args = p.parse_args(argv)
     start = time.perf_counter()
     out, work = Path(args.out), Path(args.workdir)
@@ -183,11 +191,11 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, BENCH / "real_size.py", "build", "--workdir", work, "--device", "cuda", "--num_images", 4]
                 wheels = sorted((ROOT / ".whl" / "bpe").glob("open_clip_torch-*.whl"))  # the real BPE vocabulary, if carried
                 cmd += ["--bpe", wheels[-1]] if wheels else []
-            record(run_part(part, cmd, out, part_env, left(150)))
+            record(run_part(part, cmd, out, part_env, left(120)))
         elif part in ("train-ckpt", "train-nockpt"):
             extra = ["--gradient_checkpointing"] if part == "train-ckpt" else []
             cmd = launch(peak_json, *train_args(work, part, args.steps if not args.tiny else 4, resolution, *extra))
-            record(run_part(part, cmd, out, part_env, left(170)), peak_json)
+            record(run_part(part, cmd, out, part_env, left(150)), peak_json)
         elif part == "train-zero2":
             missing = deepspeed_missing()
             if missing:
@@ -196,15 +204,19 @@ def main(argv=None) -> int:
                 continue
             cmd = launch(peak_json, *train_args(work, part, 5, resolution, "--gradient_checkpointing"),
                          config_file=str(ROOT / "configs" / "accelerate_deepspeed_zero2.yaml"))
-            record(run_part(part, cmd, out, part_env, left(150)), peak_json)
-        elif part == "step-benchmark":
+            record(run_part(part, cmd, out, part_env, left(120)), peak_json)
+        elif part in ("step-benchmark", "step-compiled"):
             size = ["--tiny", "--steps", 2, "--warmup", 1] if args.tiny else \
                 ["--config", BENCH / "sdxl_base_config.json", "--steps", 5, "--warmup", 2]
-            cmd = [sys.executable, BENCH / "step_benchmark.py", *size, "--out", out / "step_benchmark.json"]
-            row = run_part(part, cmd, out, part_env, left(300))
+            if part == "step-compiled":  # on the CPU rehearsal without inductor's C++ toolchain
+                size += ["--compile", "default", "--modes", "lora", "--cases", "baseline", "ambient",
+                         *(["--compile_backend", "aot_eager"] if args.tiny else [])]
+            name = part.replace("-", "_")
+            cmd = [sys.executable, BENCH / "step_benchmark.py", *size, "--out", out / f"{name}.json"]
+            row = run_part(part, cmd, out, part_env, left(240 if part == "step-benchmark" else 150))
             log = (out / row["log"]).read_text(errors="replace")
             table_start = log.find("| mode | batch | case |")
-            report["step_benchmark_table"] = log[table_start:].strip() if table_start >= 0 else None
+            report[f"{name}_table"] = log[table_start:].strip() if table_start >= 0 else None
             record(row)
         else:
             raise SystemExit(f"unknown part {part!r}")

@@ -61,7 +61,10 @@ SHORT_REACH = "w 1, 1 step, max delta 100, whole batch"
 HEAVY = "w 10, 1 step, max delta t_n, whole batch"
 LIGHT = "w 0.1, 1 step, max delta t_n, whole batch"
 ONE_SIDED = "w 1, 1 step, max delta t_n, half the batch, one-sided gradient"
-CONSISTENCY_FORMS = (SHIPPED, SMALL_STEPS, SHORT_REACH, HEAVY, LIGHT, ONE_SIDED)
+HALF_REACH = "w 1, 1 step, max delta t_n / 2, whole batch"
+CONSISTENCY_FORMS = (SHIPPED, SMALL_STEPS, SHORT_REACH, HEAVY, LIGHT, ONE_SIDED)  # the run of record
+FORMS = {"shipped": SHIPPED, "small-steps": SMALL_STEPS, "short-reach": SHORT_REACH, "heavy": HEAVY, "light": LIGHT,
+         "one-sided": ONE_SIDED, "half-reach": HALF_REACH}  # --forms
 
 
 def consistency_form(name: str, t_n: int) -> dict | None:
@@ -80,6 +83,8 @@ def consistency_form(name: str, t_n: int) -> dict | None:
         return {**shipped, "consistency_weight": 0.1} if t_n == 500 else None
     if name == ONE_SIDED:
         return {**shipped, "consistency_fraction": 0.5, "consistency_one_sided": True} if t_n == 200 else None
+    if name == HALF_REACH:  # is max delta t_n the right reach where the term helps?
+        return {**shipped, "consistency_max_delta": t_n // 2} if t_n in (100, 200) else None
     raise ValueError(f"unknown consistency form {name!r}")
 
 
@@ -704,11 +709,15 @@ def main(argv=None, settings: Settings | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default docs/image_results; with --quick outputs/image_experiment_quick)")
     parser.add_argument("--parts", nargs="+", choices=("clean", "finetune", "consistency"), default=None)
+    parser.add_argument("--forms", nargs="+", choices=sorted(FORMS), default=None,
+                        help="Part 3's forms besides none and the default (default: those of the run of record)")
     parser.add_argument("--report-only", action="store_true", help="rewrite tables and figures from OUT/raw.pt")
     args = parser.parse_args(argv)
     settings = settings or (QUICK if args.quick else Settings())
     if args.parts:
         settings = replace(settings, parts=tuple(args.parts))
+    if args.forms:
+        settings = replace(settings, consistency_forms=tuple(FORMS[f] for f in args.forms))
     out = args.out or (ROOT / "outputs" / "image_experiment_quick" if args.quick else ROOT / "docs" / "image_results")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

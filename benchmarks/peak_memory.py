@@ -6,7 +6,10 @@ At exit it writes JSON to ``$PEAK_MEMORY_OUT``: wall time, the time of each opti
 on the host, without synchronising: once the device's queue is full the host waits for it, so the
 median interval after warm-up is the device's step time), ``torch.cuda.max_memory_allocated``
 (weights, optimizer state, activations) and ``max_memory_reserved`` (the caching allocator's hold),
-and the exit code. Nothing is recorded on a CPU but the times.
+and the exit code. Nothing is recorded on a CPU but the times. The peaks are taken twice: over the
+whole run (``run_max_memory_*``: model loading and a latent cache built in the same process
+included) and from the end of the first optimizer step on (``max_memory_*``: the steady training
+step, which every later step repeats, with cached latents and embeddings).
 
 With ``PEAK_MEMORY_SYNC_DEBUG=1`` it also turns on ``torch.cuda.set_sync_debug_mode("warn")`` after
 the third optimizer step and counts each operation that made the host wait for the device, by the
@@ -43,8 +46,13 @@ def main() -> None:
     syncs: Counter = Counter()
     sync_debug = os.environ.get("PEAK_MEMORY_SYNC_DEBUG") == "1" and torch.cuda.is_available()
 
+    run_peak = {"allocated": 0, "reserved": 0}
+
     def on_step(optimizer, args_, kwargs_):
         steps.append(time.perf_counter() - start)
+        if len(steps) == 1 and torch.cuda.is_available() and torch.cuda.is_initialized():
+            run_peak.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()  # from here on: the training steps only
         if sync_debug and len(steps) == 3:
             show = warnings.showwarning
 
@@ -72,6 +80,10 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
             "max_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None,
+            "run_max_memory_allocated_gib": round(max(run_peak["allocated"], torch.cuda.max_memory_allocated()) / GIB, 3)
+            if cuda else None,
+            "run_max_memory_reserved_gib": round(max(run_peak["reserved"], torch.cuda.max_memory_reserved()) / GIB, 3)
+            if cuda else None,
             "torch": torch.__version__,
             "host_syncs_after_step_3": dict(syncs.most_common(20)) if sync_debug else None,
         }

@@ -50,7 +50,9 @@ def weighting_runs(t_n: int, steps: int) -> list[tuple[str, TrainConfig, int]]:
 def consistency_runs(t_n: int, steps: int) -> list[tuple[str, TrainConfig, int]]:
     """Ambient training with and without the consistency term (max_delta = t_n), sampled to t = 0.
 
-    "window": only samples with t < 2 t_n get the term, so the chains reach below t_n."""
+    "window": only samples with t < 2 t_n get the term, so the chains reach below t_n. "trainer": the term
+    as the trainer applies it (step.AmbientObjective: its own t_c in [t_n, 2 t_n), no-grad anchor and chains,
+    on the whole batch here)."""
     base = TrainConfig(observed_timestep=t_n, steps=steps)
     windowed = replace(base, consistency_window=t_n, anchor_grad=False)
     return [("no consistency", base, 0),
@@ -58,7 +60,8 @@ def consistency_runs(t_n: int, steps: int) -> list[tuple[str, TrainConfig, int]]
             ("window, w=1", replace(windowed, consistency_weight=1.0), 0),
             ("window, w=10", replace(windowed, consistency_weight=10.0), 0),
             ("window, w=100", replace(windowed, consistency_weight=100.0), 0),
-            ("window, w=10, num_steps=2", replace(windowed, consistency_weight=10.0, consistency_steps=2), 0)]
+            ("window, w=10, num_steps=2", replace(windowed, consistency_weight=10.0, consistency_steps=2), 0),
+            ("trainer, w=1", replace(base, consistency_weight=1.0, trainer_objective=True), 0)]
 
 
 def evaluate(model, alphas_cumprod, noise, reference, jumps) -> dict[int, float]:

@@ -66,3 +66,23 @@ def test_gpu_run_skips_zero2_without_deepspeed(tmp_path, monkeypatch):
     assert report["parts"] == [{"part": "train-zero2", "skipped": "deepspeed is not installed here"}]
     assert "| train-zero2 | deepspeed is not installed here |" in (tmp_path / "out" / "gpu_run.md").read_text()
     sys.modules.pop("gpu_run", None)
+
+
+@pytest.mark.slow
+def test_gpu_run_rehearsal_measures_each_part(tmp_path):
+    """The one GPU call rehearsed on the tiny model: the trainer's part records its optimizer steps through
+    peak_memory.py, the compiled step benchmark its table, and the report says which parts ran."""
+    gpu_run = _load("gpu_run")
+    try:
+        code = gpu_run.main(["--tiny", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+                             "--parts", "build", "train-ckpt", "step-compiled"])
+    finally:
+        sys.modules.pop("gpu_run", None)
+    report = json.loads((tmp_path / "out" / "gpu_run.json").read_text())
+    assert code == 0, [(p["part"], p.get("returncode")) for p in report["parts"]]
+    parts = {p["part"]: p for p in report["parts"]}
+    assert list(parts) == ["build", "train-ckpt", "step-compiled"]
+    assert parts["train-ckpt"]["peak"]["optimizer_steps"] == 4 and parts["train-ckpt"]["peak"]["exit"] == 0
+    assert "| lora | 8 | ambient |" in report["step_compiled_table"]
+    text = (tmp_path / "out" / "gpu_run.md").read_text()
+    assert "| train-ckpt | ok |" in text and "the project's cases compiled" in text
