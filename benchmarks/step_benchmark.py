@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
+import math
 import platform
 import statistics
 import sys
@@ -191,6 +193,7 @@ def project_step(unet, params, batch, objective: AmbientObjective, observed_time
     generator = torch.Generator(device=device).manual_seed(seed)
     observed = batch["latents"]
     observed_timesteps = torch.full((observed.shape[0],), observed_timestep, dtype=torch.long, device=device)
+    steps = itertools.count()  # the optimizer step, as the trainer passes it (the consistency term's step schedule)
 
     def step() -> torch.Tensor:
         if cudagraphs:
@@ -198,7 +201,7 @@ def project_step(unet, params, batch, objective: AmbientObjective, observed_time
         net = conditioned_unet(unet, batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["time_ids"],
                                dtype=weight_dtype)
         with autocast(device, weight_dtype):
-            losses = objective(net, observed, observed_timesteps, generator=generator)
+            losses = objective(net, observed, observed_timesteps, generator=generator, step=next(steps))
         loss = losses["loss"].mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -247,14 +250,16 @@ def time_steps(step, warmup: int, steps: int, device) -> list[float]:
     return times
 
 
-def count_flops(step) -> int:
-    """FLOPs of one call (matmuls, convolutions, attention; forward and backward) by FlopCounterMode."""
+def count_flops(step, calls: int = 1) -> int:
+    """FLOPs of one call (matmuls, convolutions, attention; forward and backward) by FlopCounterMode,
+    averaged over ``calls`` calls (a whole period of the consistency term's step schedule)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
-    return int(counter.get_total_flops())
+        for _ in range(calls):
+            step()
+    return int(counter.get_total_flops()) // calls
 
 
 def free_memory(device) -> None:
@@ -276,19 +281,23 @@ def measure_case(spec: ModelSpec, mode: str, batch_size: int, case: str, device,
     if compiled:  # regional compilation, static shapes: B, and 2B for the consistency chains
         configure_static_shapes(2, block_kinds(unet))
         compile_unet(unet, mode=args.compile, backend=args.compile_backend)
+    period = 1
     if case == "baseline":
         step = baseline_step(unet, params, batch, noise_scheduler, device, weight_dtype, args.max_grad_norm, args.learning_rate)
     else:
         objective, t_n = make_objective(case, noise_scheduler, device, args)
+        period = objective.consistency_period(batch_size) if objective.consistency_weight > 0 else 1
         step = project_step(unet, params, batch, objective, t_n, device, weight_dtype, args.max_grad_norm,
                             args.learning_rate, args.seed, cudagraphs=compiled and args.compile == "reduce-overhead")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_steps(step, args.warmup, args.steps, device)
+    # the consistency term on some steps only (f B not a whole number): time whole periods, report the mean
+    timed = args.steps if period == 1 else period * math.ceil(args.steps / period)
+    times = time_steps(step, period * math.ceil(args.warmup / period), timed, device)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
-    flops = None if compiled else count_flops(step)  # compiled graphs run past the counting mode
-    median = statistics.median(times)
+    flops = None if compiled else count_flops(step, period)  # compiled graphs run past the counting mode
+    median = statistics.median(times) if period == 1 else statistics.fmean(times)
     mfu = flops / median / (args.peak_tflops * 1e12) if device.type == "cuda" and flops else None
     return {
         "status": "ok",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -71,6 +72,7 @@ class StepDraws:
     consistency_noise: torch.Tensor | None = None
     delta: torch.Tensor | None = None
     chain_noise: tuple[torch.Tensor, ...] | None = None
+    consistency_scale: float = 1.0  # the term's factor for running on k of B samples (B / k, or 1 / fraction)
 
 
 @dataclass
@@ -87,7 +89,8 @@ class AmbientObjective:
     predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term (weight 0), so a
     clean example's loss is exactly the plain epsilon loss. ``consistency_max_delta`` None is each
     sample's own t_n (a batch may mix noise levels). ``consistency_fraction`` (the term on part of
-    the batch) and ``consistency_one_sided`` (one chain's backward pass) make it cheaper. What each
+    the batch; given the step, on some steps where f B is not a whole number) and
+    ``consistency_one_sided`` (one chain's backward pass) make it cheaper. What each
     form buys at which noise level, and its FLOPs per step: docs/image_results.md ("Part 3"),
     docs/toy_results.md."""
 
@@ -106,22 +109,28 @@ class AmbientObjective:
         if not 0 < self.consistency_fraction <= 1:
             raise ValueError(f"consistency_fraction must be in (0, 1], got {self.consistency_fraction}")
 
-    def __call__(self, net: Net, observed, observed_timesteps, *, generator=None, use_consistency=True):
-        draws = self.draw(observed, observed_timesteps, generator=generator, use_consistency=use_consistency)
+    def __call__(self, net: Net, observed, observed_timesteps, *, generator=None, use_consistency=True,
+                 step: int | None = None):
+        draws = self.draw(observed, observed_timesteps, generator=generator, use_consistency=use_consistency, step=step)
         return self.losses(net, observed, observed_timesteps, draws)
 
-    def draw(self, observed, observed_timesteps, *, generator=None, use_consistency=True) -> StepDraws:
-        """Every random number of a step, on the batch's device, in a fixed order from ``generator``."""
+    def draw(self, observed, observed_timesteps, *, generator=None, use_consistency=True, step: int | None = None) -> StepDraws:
+        """Every random number of a step, on the batch's device, in a fixed order from ``generator``.
+        ``step`` (the optimizer step) spreads a fractional f B over steps (``consistency_size``)."""
         t = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator)
         noise = torch.randn(observed.shape, generator=generator, device=observed.device, dtype=torch.float32)
-        if not (use_consistency and self.consistency_weight > 0):
+        b = observed.shape[0]
+        k = self.consistency_size(b, step) if use_consistency and self.consistency_weight > 0 else 0
+        if k == 0:  # no term on this step: no UNet call for it
             return StepDraws(t, noise)
-        return StepDraws(t, noise, *self._consistency_draws(observed, observed_timesteps, generator))
+        return StepDraws(t, noise, *self._consistency_draws(observed, observed_timesteps, generator, k),
+                         consistency_scale=b / k if step is None else 1 / min(self.consistency_fraction, 1.0))
 
-    def _consistency_draws(self, observed, observed_timesteps, generator):
-        """(t_c, noise of x_tc, delta, chain noise per step), in the order ``consistency_loss`` draws them."""
+    def _consistency_draws(self, observed, observed_timesteps, generator, k: int):
+        """(t_c, noise of x_tc, delta, chain noise per step) of the first k samples, in the order
+        ``consistency_loss`` draws them."""
         gen_device = generator.device if generator is not None else observed.device
-        b = self.consistency_size(observed.shape[0])
+        b = k
         observed, observed_timesteps = observed[:b], observed_timesteps[:b]
         max_delta = self.max_delta(observed_timesteps)
         t_c = draw_timesteps(observed_timesteps, self.num_train_timesteps, generator=generator, window=max_delta)
@@ -160,37 +169,56 @@ class AmbientObjective:
             return self.consistency_max_delta
         return observed_timesteps.long().clamp(min=1)
 
-    def consistency_size(self, batch: int) -> int:
-        """k = ceil(f B): the first k samples of the (random) batch get the consistency term."""
-        return batch if self.consistency_fraction >= 1 else max(1, math.ceil(self.consistency_fraction * batch))
+    def consistency_size(self, batch: int, step: int | None = None) -> int:
+        """k: the first k samples of the (random) batch get the consistency term. Without ``step``,
+        k = ceil(f B) (at least 1). With it, k = floor((s + 1) f B) - floor(s f B) at step s, so that k
+        averages f B over steps however small f B is: at batch 1 and f = 1/4, one sample every fourth
+        step (0, 0, 0, 1, ...); at batch 8, 2 on every step."""
+        if self.consistency_fraction >= 1:
+            return batch
+        if step is None:
+            return max(1, math.ceil(self.consistency_fraction * batch))
+        per_step = self._per_step(batch)
+        return math.floor((step + 1) * per_step) - math.floor(step * per_step)
+
+    def _per_step(self, batch: int) -> Fraction:
+        """f B as an exact fraction (so the step schedule never drifts)."""
+        return Fraction(self.consistency_fraction).limit_denominator(10**6) * batch
+
+    def consistency_period(self, batch: int) -> int:
+        """The number of steps after which the step schedule of ``consistency_size`` repeats (1: every
+        step alike)."""
+        return 1 if self.consistency_fraction >= 1 else self._per_step(batch).denominator
 
     def consistency_batches(self, batch: int) -> list[int]:
         """The batch sizes the consistency term runs the UNet at: the anchor's k, the two chains' 2k
-        (and the one-sided final prediction's k)."""
-        k = self.consistency_size(batch)
-        return [k, 2 * k]
+        (and the one-sided final prediction's k), for every k it takes (with and without the step)."""
+        ks = {self.consistency_size(batch)} | {self.consistency_size(batch, s) for s in range(min(self.consistency_period(batch), 64))}
+        return sorted({n for k in ks if k > 0 for n in (k, 2 * k)})
 
     def consistency(self, net: Net, y, observed_timesteps, abar, generator=None, draws: StepDraws | None = None):
         """The consistency term from x_tc just above t_n (per sample, (B,)); its random numbers from
         ``draws`` (``draw``), else from ``generator``.
 
-        With ``consistency_fraction`` f < 1 only the first k = ceil(f B) samples get the term,
-        multiplied by B / k so that its mean over the batch still estimates the full term; the others
-        get 0. The term then calls ``net.take(k)`` when the net has it (``conditioned_unet``: the
-        first k samples' conditioning), else ``net``."""
+        With ``consistency_fraction`` f < 1 only the first k samples get the term (``consistency_size``),
+        multiplied by ``draws.consistency_scale`` (B / k, or 1 / f with the step schedule) so that its
+        mean over the batch, and over steps, still estimates the full term; the others get 0. The term
+        then calls ``net.take(k)`` when the net has it (``conditioned_unet``: the first k samples'
+        conditioning), else ``net``."""
         b = y.shape[0]
-        k = self.consistency_size(b)
+        if draws is None or draws.delta is None:
+            k = self.consistency_size(b)
+            draws = StepDraws(None, None, *self._consistency_draws(y, observed_timesteps, generator, k), consistency_scale=b / k)
+        k = draws.delta.shape[0]
         if k < b and hasattr(net, "take"):
             net = net.take(k)
 
         def denoiser(x, tt):
             return x0_from_model_output(net(x, tt), x, tt, abar, self.prediction_type)
 
-        if draws is None or draws.delta is None:
-            draws = StepDraws(None, None, *self._consistency_draws(y, observed_timesteps, generator))
         y_k, t_n = y[:k], observed_timesteps[:k]
         x_c = renoise(y_k, t_n, draws.consistency_timesteps, draws.consistency_noise, abar)
-        weight = self.consistency_weight * (b / k) * (t_n > 0).float()
+        weight = self.consistency_weight * draws.consistency_scale * (t_n > 0).float()
         term = consistency_loss(denoiser, x_c, draws.consistency_timesteps, abar, num_steps=self.consistency_steps,
                                 max_delta=self.max_delta(t_n), weight=weight, anchor_grad=False,
                                 one_sided=self.consistency_one_sided, delta=draws.delta, chain_noise=draws.chain_noise)

@@ -301,6 +301,39 @@ def test_consistency_on_part_of_the_batch_is_rescaled_and_takes_the_first_sample
         AmbientObjective(abar64, consistency_fraction=0.0)
 
 
+def test_a_fraction_below_one_sample_runs_the_term_on_some_steps_with_the_same_expectation(abar64):
+    """Batch 1 at fraction 1/4 cannot take a quarter of a sample: given the step, the term runs on one
+    step in four, times 1 / f = 4, and on no other (no UNet call for it), so over steps it averages the
+    whole-batch term at a quarter of its calls. Batch 6 at 1/4 alternates 1 and 2 samples (1.5 a step)."""
+    from sdxl_ambient.step import AmbientObjective
+
+    calls = []
+
+    def net(x, t):
+        calls.append(x.shape[0])
+        return 0.1 * x * (t[:, None].double() / 1000)
+
+    objective = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100, consistency_fraction=0.25)
+    whole = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100)
+    y, t_n = torch.randn(1, 2, generator=_gen(), dtype=torch.float64), torch.full((1,), 100)
+    ran = []
+    for step in range(8):
+        calls.clear()
+        gen = _gen(10 + step)
+        losses = objective(net, y, t_n, generator=gen, step=step)
+        ran.append("consistency" in losses)
+        if ran[-1]:
+            assert calls == [1, 1, 2]  # ambient, anchor, both chains
+            same = whole(net, y, t_n, generator=_gen(10 + step))  # the same draws on the whole (one-sample) batch
+            torch.testing.assert_close(losses["consistency"], 4 * same["consistency"])
+        else:
+            assert calls == [1]  # the ambient loss only
+    assert ran == [False, False, False, True] * 2
+    assert [objective.consistency_size(6, s) for s in range(4)] == [1, 2, 1, 2]
+    assert objective.consistency_period(6) == 2 and objective.consistency_batches(1) == [1, 2]
+    assert objective.consistency_size(1) == 1  # without the step: ceil(f B), as before
+
+
 def test_conditioned_unet_takes_the_first_samples_conditioning():
     from sdxl_ambient.step import conditioned_unet
 
