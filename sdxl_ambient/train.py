@@ -631,7 +631,7 @@ def forward_backward(run: Run, batch: dict, step: int) -> torch.Tensor:
     net = conditioned_unet(run.trained[0], prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
     with run.accelerator.autocast():
         losses = run.objective(net, batch["observed"], batch["observed_timestep"], generator=run.generator,
-                               use_consistency=step >= run.cfg.objective.consistency_start_step)
+                               use_consistency=step >= run.cfg.objective.consistency_start_step, step=step)
     loss = losses["loss"].mean()
     run.accelerator.backward(loss)
     return torch.stack([loss.detach(), losses["ambient"].detach().mean(),

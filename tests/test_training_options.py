@@ -305,3 +305,33 @@ def test_a_dora_run_saves_a_dora_that_loads_in_diffusers_and_resumes_exactly(tmp
                                    steps=4)) == 0
     resumed = lora_weights(cut)
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+# ----------------------------------------------------------------------------- consistency on part of the batch
+
+
+def test_the_trainer_runs_a_fractional_consistency_term_on_its_step_schedule(monkeypatch, tmp_path, tiny_pipeline_dir,
+                                                                              image_folder):
+    """Batch 1 at the default --consistency_fraction 0.25: the trainer gives the objective its step, so the
+    term runs on steps 3 and 7 of 8 (one in four, the UNet called on 1 and 2 samples for it), not on every step."""
+    from sdxl_ambient.step import AmbientObjective
+
+    ran, consistency = [], AmbientObjective.consistency
+
+    def counting(self, net, y, *args, **kwargs):
+        ran.append(y.shape[0])
+        return consistency(self, net, y, *args, **kwargs)
+
+    monkeypatch.setattr(AmbientObjective, "consistency", counting)
+    steps = []
+    draw = AmbientObjective.draw
+
+    def recording(self, *args, step=None, **kwargs):
+        steps.append(step)
+        return draw(self, *args, step=step, **kwargs)
+
+    monkeypatch.setattr(AmbientObjective, "draw", recording)
+    args = tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "out", "--consistency_weight", "1", "--train_batch_size", "1",
+                     "--checkpointing_steps", "100", steps=8)
+    assert run_inprocess(args) == 0
+    assert steps == list(range(8)) and len(ran) == 2
