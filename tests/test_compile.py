@@ -204,23 +204,37 @@ def test_compiled_blocks_under_gradient_checkpointing(lora_unet, abar):
 
 
 @pytest.mark.slow  # inductor compiles each block's graphs on the CPU
-def test_the_trainer_with_torch_compile_trains_as_eager(tmp_path, tiny_pipeline_dir, image_folder, caplog):
+def test_the_trainer_with_torch_compile_trains_as_eager(tmp_path, tiny_pipeline_dir, image_folder, caplog, monkeypatch):
     """`--torch_compile` compiles the UNet's repeated blocks in the trainer and leaves the training
     unchanged: the same batches (a partial last batch included) and, within float tolerance, the same
-    LoRA as the eager run, with the consistency term on part of each batch."""
+    losses at every step and LoRA as the eager run, with the consistency term on part of each batch."""
     import logging
 
     from helpers.training import lora_weights, run_inprocess, tiny_args
+    from sdxl_ambient import train
+
+    losses, forward_backward = [], train.forward_backward
+
+    def recording(run, batch, step):
+        terms = forward_backward(run, batch, step)
+        losses[-1].append(terms.detach().clone())  # (loss, ambient, consistency) of each micro-batch
+        return terms
+
+    monkeypatch.setattr(train, "forward_backward", recording)
 
     torch._dynamo.reset()  # no graphs of the other tests' UNets on the blocks' shared code object
     lines = (image_folder / "metadata.jsonl").read_text().splitlines()[:5]  # 5 images, batch 2: a partial batch
     (image_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     common = ("--consistency_weight", "1", "--consistency_fraction", "0.5")
+    losses.append([])
     assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "eager", *common, steps=3)) == 0
+    losses.append([])
     with caplog.at_level(logging.INFO, logger="sdxl_ambient"):
         assert run_inprocess(tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "compiled", *common, "--torch_compile",
                                        steps=3)) == 0
     assert "--torch_compile: compiled 4 repeated blocks" in caplog.text
+    assert len(losses[0]) == len(losses[1]) == 3 and bool(torch.stack(losses[0])[:, 2].ne(0).any())
+    torch.testing.assert_close(torch.stack(losses[1]), torch.stack(losses[0]), rtol=1e-4, atol=1e-5)
     eager, compiled = lora_weights(tmp_path / "eager"), lora_weights(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()
     for key in eager:
