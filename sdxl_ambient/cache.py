@@ -48,10 +48,10 @@ from sdxl_ambient.data import (
     example_generator,
     load_training_images,
     prepare_example,
-    public_name,
 )
 from sdxl_ambient.durable import atomic_write
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.models import model_identity
 from sdxl_ambient.objectives import add_noise, check_ambient_timestep
 from sdxl_ambient.outputs import OutputFolder
 from sdxl_ambient.text import text_embeddings, tokenize
@@ -179,16 +179,25 @@ def fresh_noise_seed() -> str:
     return secrets.token_hex(16)  # 128 bits
 
 
+def planned_settings(config: DataConfig, model_id: str | None, vae_id: str | None = None, revision: str | None = None,
+                     variant: str | None = None, shard_size: int = SHARD_SIZE) -> dict:
+    """The manifest's settings that are known before any model loads: all but the model's signature
+    (``model``, read from the loaded model). The model and the VAE are recorded by
+    :func:`models.model_identity`."""
+    return {
+        "model_id": model_identity(model_id, revision, variant),
+        "vae_id": model_identity(vae_id),
+        **config.as_dict(),
+        "shard_size": int(shard_size),
+    }
+
+
 def manifest_settings(config: DataConfig, components, shard_size: int) -> dict:
     """What the manifest records of how the cache was made; a cache is reused only when they are equal
     (and its examples, each with its t_n, are the same)."""
-    return {
-        "model_id": public_name(getattr(components, "model_id", None)),
-        "vae_id": public_name(getattr(components, "vae_id", None)),
-        **config.as_dict(),
-        "shard_size": int(shard_size),
-        "model": model_signature(components),
-    }
+    made_with = planned_settings(config, getattr(components, "model_id", None), getattr(components, "vae_id", None),
+                                 getattr(components, "revision", None), getattr(components, "variant", None), shard_size)
+    return {**made_with, "model": model_signature(components)}
 
 
 def example_levels(images: TrainingImages, ambient_timestep: int) -> list[int]:

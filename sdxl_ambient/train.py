@@ -327,12 +327,13 @@ def run_fingerprint(cfg: TrainConfig, resolved: Resolved, latent_data: list[dict
     learning rates, objective, precision), the latent data (each cache's examples, levels and noise,
     and how its images became latents), the schedule's length where the learning rate depends on
     it, and the number of processes."""
-    from sdxl_ambient.data import public_name
+    from sdxl_ambient.models import model_identity
 
     flags = cfg.flags
     given = {k: v for k, v in vars(flags).items() if k not in RESUME_SAFE_FLAGS | RESUME_RESOLVED_FLAGS}
-    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):  # a moved folder is the same model
-        given[key] = public_name(given[key])
+    # the models by what they are (files or Hub id and revision), not where: a moved folder is the same model
+    given["pretrained_model_name_or_path"] = model_identity(flags.pretrained_model_name_or_path, flags.revision, flags.variant)
+    given["pretrained_vae_model_name_or_path"] = model_identity(flags.pretrained_vae_model_name_or_path)
     if flags.lr_scheduler not in CONSTANT_SCHEDULES:
         given.update(max_train_steps=flags.max_train_steps, num_train_epochs=flags.num_train_epochs)
     computed = {k: v for k, v in resolved.as_dict().items() if k not in LOADED_ONLY}
@@ -804,7 +805,7 @@ def finish(run: Run, step: int) -> None:
     """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push.
     A failed push keeps everything written and ends the run with a one-line error saying how to push later."""
     from sdxl_ambient import hub, models
-    from sdxl_ambient.data import public_name
+    from sdxl_ambient.files import public_name
 
     accelerator, flags = run.accelerator, run.flags
     push_failed = None
