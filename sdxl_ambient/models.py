@@ -68,10 +68,9 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
 
 
-def _read_model_index(name: str, revision: str | None) -> dict:
+def _read_model_index(name: str, revision: str | None, flag: str = "--pretrained_model_name_or_path") -> dict:
     from diffusers import DiffusionPipeline
 
-    flag = "--pretrained_model_name_or_path"
     local = Path(name).expanduser()
     if local.exists() or _looks_local(name):
         if not local.is_dir():
@@ -98,10 +97,12 @@ def _read_model_index(name: str, revision: str | None) -> dict:
 WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the sub-folders that hold weights
 
 
-def check_pipeline_files(name: str, revision: str | None = None, variant: str | None = None) -> None:
+def check_pipeline_files(name: str, revision: str | None = None, variant: str | None = None,
+                         flag: str = "--pretrained_model_name_or_path") -> None:
     """An SDXL pipeline, checked without loading it: its model_index.json, its sub-folders and, for a
-    local folder, safetensors weights (of ``variant``, if given) in each part that has weights."""
-    _read_model_index(name, revision)
+    local folder, safetensors weights (of ``variant``, if given) in each part that has weights.
+    Errors name ``flag`` (the one that gave ``name``)."""
+    _read_model_index(name, revision, flag)
     local = Path(name).expanduser()
     if not local.is_dir():
         return
@@ -109,7 +110,7 @@ def check_pipeline_files(name: str, revision: str | None = None, variant: str | 
     for part in WEIGHT_PARTS:
         if not any(p.name.endswith((suffix, suffix + ".index.json")) for p in (local / part).iterdir()):
             what = f"{variant} safetensors weights" if variant else "safetensors weights"
-            raise UserError(f"--pretrained_model_name_or_path {name}: {part}/ holds no {what} (*{suffix}); "
+            raise UserError(f"{flag} {name}: {part}/ holds no {what} (*{suffix}); "
                             "only safetensors are loaded")
 
 
