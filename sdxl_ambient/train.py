@@ -439,10 +439,12 @@ def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
     return images, caches.plan_data(sources, cfg.data, cfg.cache, images)
 
 
-def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, resume_path, accelerator):
-    """(main process) That the checkpoint to resume belongs to this run; then, with --push_to_hub,
-    the Hub repo (checked and created once all else passed). Returns the repo, or None."""
+def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, images, resume_path, accelerator):
+    """(main process) That the checkpoint to resume belongs to this run; that a latent cache already in
+    --cache_dir was made with this run's settings and data (a resume names the differing flags first);
+    then, with --push_to_hub, the Hub repo (checked and created once all else passed). Returns the repo, or None."""
     from sdxl_ambient import hub
+    from sdxl_ambient.cache import check_cache_dir, planned_settings
 
     flags = cfg.flags
     if resume_path is not None:
@@ -451,6 +453,10 @@ def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, resume_p
                             f"--cache_dir {cfg.cache.cache_dir}, and a new one would carry new noise: give the "
                             "--cache_dir that holds it (or the --noise_seed it was made with), or start a new run")
         checkpointing.check_resumable(resume_path, run_fingerprint(cfg, resolved, planned.fingerprint, accelerator))
+    if images is not None:  # the run's own cache, to be reused or completed: refused now rather than once the models load
+        check_cache_dir(cfg.cache, planned_settings(cfg.data, flags.pretrained_model_name_or_path,
+                                                    flags.pretrained_vae_model_name_or_path, flags.revision, flags.variant),
+                        images)
     if flags.push_to_hub:
         return hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
     return None
@@ -480,7 +486,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
     images, planned = on_main_process(accelerator, lambda: check_inputs(cfg, resume_path, held)) or (None, None)
     resolved = resolve(cfg, shared(accelerator, planned.levels if planned else None), resume_path, accelerator)
-    hub_repo = on_main_process(accelerator, lambda: check_resume_and_hub(cfg, resolved, planned, resume_path, accelerator))
+    hub_repo = on_main_process(accelerator, lambda: check_resume_and_hub(cfg, resolved, planned, images, resume_path,
+                                                                             accelerator))
     set_seed(resolved.seed)
     if flags.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

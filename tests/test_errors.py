@@ -197,11 +197,55 @@ def test_generate_memorization_and_corrupt_check_their_inputs_before_any_model_l
     assert not (tmp_path / "out").exists()
 
 
+def test_corrupt_into_a_dataset_of_other_settings_is_refused_before_any_model_loads(monkeypatch, capsys, tmp_path,
+                                                                                    tiny_pipeline_dir, image_folder):
+    """`corrupt` completes only its own dataset: one made with other settings in --output_dir is refused, naming the
+    setting, before the model loads (today: once it is loaded)."""
+    from sdxl_ambient import models
+    from sdxl_ambient.cli import main
+
+    assert main(_corrupt(tiny_pipeline_dir, image_folder, tmp_path)) == 0
+    before = snapshot(tmp_path / "out")
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    assert_one_line_error(capsys, main([*_corrupt(tiny_pipeline_dir, image_folder, tmp_path), "--resolution", "128"]),
+                          f"the latent cache in {tmp_path / 'out'} was made with other settings",
+                          "resolution: cache has 64, now 128")
+    assert snapshot(tmp_path / "out") == before
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_pipeline_dir):
     out = tmp_path_factory.mktemp("finished") / "out"
     assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, steps=6)) == 0
     return out
+
+
+def _other_images(tmp_path, other_model):
+    folder = shutil.copytree(DEMO_IMAGES, tmp_path / "images")
+    image = sorted(folder.glob("*.jpg"))[0]
+    from PIL import Image
+
+    Image.open(image).rotate(90).save(image)
+    return ["--train_data_dir", folder], f"{image.name}: content"
+
+
+@pytest.mark.parametrize("change", [
+    lambda tmp, other: (["--resolution", "128"], "resolution: cache has 64, now 128"),
+    lambda tmp, other: (["--center_crop"], "center_crop: cache has False, now True"),
+    _other_images,
+    lambda tmp, other: (["--pretrained_model_name_or_path", other], "model_id: cache has 'pipeline (files sha256 "),
+], ids=["resolution", "center_crop", "images", "model_of_the_same_folder_name"])
+def test_a_new_run_on_a_cache_of_other_settings_or_data_is_refused_before_any_model_loads(
+        no_models, capsys, finished, tmp_path, tiny_pipeline_dir, other_pipeline_dir, change):
+    """A fresh run given a --cache_dir that holds a cache made with other settings, images or model is refused in
+    one line naming what differs, before any model loads (today: only once the models are loaded), writing nothing."""
+    cache = shutil.copytree(finished / "latent_cache", tmp_path / "cache")
+    extra, fragment = change(tmp_path, other_pipeline_dir)
+    before = snapshot(cache)
+    assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, tmp_path / "out", "--cache_dir",
+                                                          cache, *extra)),
+                          f"the latent cache in {cache} was made with other", fragment, "Use another --cache_dir")
+    assert snapshot(cache) == before and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("damage, fragment", [
