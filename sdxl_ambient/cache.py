@@ -48,10 +48,10 @@ from sdxl_ambient.data import (
     example_generator,
     load_training_images,
     prepare_example,
-    public_name,
 )
 from sdxl_ambient.durable import atomic_write
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.models import model_identity
 from sdxl_ambient.objectives import add_noise, check_ambient_timestep
 from sdxl_ambient.outputs import OutputFolder
 from sdxl_ambient.text import text_embeddings, tokenize
@@ -179,16 +179,25 @@ def fresh_noise_seed() -> str:
     return secrets.token_hex(16)  # 128 bits
 
 
+def planned_settings(config: DataConfig, model_id: str | None, vae_id: str | None = None, revision: str | None = None,
+                     variant: str | None = None, shard_size: int = SHARD_SIZE) -> dict:
+    """The manifest's settings that are known before any model loads: all but the model's signature
+    (``model``, read from the loaded model). The model and the VAE are recorded by
+    :func:`models.model_identity`."""
+    return {
+        "model_id": model_identity(model_id, revision, variant),
+        "vae_id": model_identity(vae_id),
+        **config.as_dict(),
+        "shard_size": int(shard_size),
+    }
+
+
 def manifest_settings(config: DataConfig, components, shard_size: int) -> dict:
     """What the manifest records of how the cache was made; a cache is reused only when they are equal
     (and its examples, each with its t_n, are the same)."""
-    return {
-        "model_id": public_name(getattr(components, "model_id", None)),
-        "vae_id": public_name(getattr(components, "vae_id", None)),
-        **config.as_dict(),
-        "shard_size": int(shard_size),
-        "model": model_signature(components),
-    }
+    made_with = planned_settings(config, getattr(components, "model_id", None), getattr(components, "vae_id", None),
+                                 getattr(components, "revision", None), getattr(components, "variant", None), shard_size)
+    return {**made_with, "model": model_signature(components)}
 
 
 def example_levels(images: TrainingImages, ambient_timestep: int) -> list[int]:
@@ -368,6 +377,37 @@ def _check_complete(cache_dir: Path, manifest: dict, images: TrainingImages, giv
         _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], entries))
 
 
+def check_made_alike(cache_dir: Path, manifest: dict, settings: dict, images: TrainingImages, ambient_timestep: int,
+                     noise_seed: str | None) -> None:
+    """The one check that an existing cache (complete or unfinished) is what a build from ``images``
+    would make: the same format version, ``settings`` (:func:`manifest_settings`; before any model
+    loads :func:`planned_settings`, without the model's signature) and the same examples, each with its
+    t_n, content and noise seed. Anything else is refused in one line naming what differs."""
+    cache_dir = Path(cache_dir)
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise UserError(f"the latent cache in {cache_dir} was made by an earlier version (format {manifest['format_version']}): "
+                        f"delete {cache_dir} to rebuild it, or use another --cache_dir")
+    recorded = manifest["settings"] if "model" in settings else {k: v for k, v in manifest["settings"].items() if k != "model"}
+    if recorded != settings:
+        _refuse(cache_dir, "settings", _setting_differences(recorded, settings))
+    secret = _read_secrets(cache_dir)
+    if manifest.get("complete"):
+        _check_complete(cache_dir, manifest, images, noise_seed, secret, ambient_timestep)
+        return
+    data = data_entries(images, data_key(_noise_seed_for(cache_dir, manifest, noise_seed, secret)), ambient_timestep)
+    if manifest["data"]["examples"] != data:
+        _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data))
+
+
+def check_cache_dir(settings: CacheSettings, made_with: dict, images: TrainingImages) -> None:
+    """Before any model loads: a cache already in ``settings.cache_dir`` (to be reused or completed)
+    was made with ``made_with`` (:func:`planned_settings`) from ``images`` (:func:`check_made_alike`)."""
+    manifest = read_manifest(settings.cache_dir)
+    if manifest is not None:
+        default = 0 if settings.ambient_timestep is None else settings.ambient_timestep
+        check_made_alike(settings.cache_dir, manifest, made_with, images, default, settings.noise_seed)
+
+
 def _check_levels(images: TrainingImages, ambient_timestep: int, num_train_timesteps: int) -> None:
     for record, level in zip(images.records, example_levels(images, ambient_timestep)):
         if not 0 <= level < num_train_timesteps:
@@ -390,13 +430,9 @@ def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components
     _check_levels(images, ambient_timestep, len(components.noise_scheduler.alphas_cumprod))
     settings = manifest_settings(images.config, components, shard_size)
     manifest, secret = read_manifest(cache_dir), _read_secrets(cache_dir)
-    if manifest is not None and manifest["format_version"] != FORMAT_VERSION:
-        raise UserError(f"the latent cache in {cache_dir} was made by an earlier version (format {manifest['format_version']}): "
-                        f"delete {cache_dir} to rebuild it, or use another --cache_dir")
-    if manifest is not None and manifest["settings"] != settings:
-        _refuse(cache_dir, "settings", _setting_differences(manifest["settings"], settings))
+    if manifest is not None:
+        check_made_alike(cache_dir, manifest, settings, images, ambient_timestep, noise_seed)
     if manifest is not None and manifest.get("complete"):
-        _check_complete(cache_dir, manifest, images, noise_seed, secret, ambient_timestep)
         damaged = sorted(set(manifest["shards"]) - set(_valid_shards(cache_dir, manifest)))
         if not damaged:
             return LatentCache(cache_dir, verify=False)
@@ -404,9 +440,7 @@ def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components
             raise UserError(f"latent cache shard {cache_dir / damaged[0]} is missing or damaged, and a finished cache "
                             f"keeps no noise seed to re-make it: delete {cache_dir} to rebuild it")
     seed = _noise_seed_for(cache_dir, manifest, noise_seed, secret)
-    data = data_entries(images, data_key(seed), ambient_timestep)
-    if manifest is not None and manifest["data"]["examples"] != data:
-        _refuse(cache_dir, "data", _data_differences(manifest["data"]["examples"], data))
+    data = data_entries(images, data_key(seed), ambient_timestep)  # a manifest's examples are these (checked above)
     shards = _valid_shards(cache_dir, manifest) if manifest is not None else {}
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write_secrets(cache_dir, {"noise_seed": seed, "data_key": data_key(seed)})

@@ -148,8 +148,9 @@ def check_files(path: Path) -> None:
 
 
 def _shown(value) -> str:
+    """A value in one line: a long one cut in the middle, so that both ends (a name, a digest) show."""
     text = json.dumps(value)
-    return text if len(text) <= 40 else text[:16] + "...\""
+    return text if len(text) <= 48 else text[:24] + "..." + text[-21:]
 
 
 def check_resumable(path: Path, fingerprint: dict) -> None:
@@ -157,6 +158,10 @@ def check_resumable(path: Path, fingerprint: dict) -> None:
     setting that differs; a checkpoint that records none (an older version) is resumed with a warning."""
     saved = read_state(path).get("fingerprint")
     if saved is None:
+        # Only a checkpoint of an older version can lack it: this one writes the fingerprint into
+        # every trainer_state.json (train.save), and that file is the last a save writes. Such a
+        # checkpoint is resumed as far as it can be checked (its files; weights of another shape are
+        # one line in load_checkpoint).
         logger.warning("%s records no run fingerprint (written by an older sdxl-ambient): its settings cannot "
                        "be compared with this run's", path)
         return

@@ -15,7 +15,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from sdxl_ambient.cache import ENCODE_BATCH_SIZE, SHARD_SIZE, build_cache, cache_folder
+from sdxl_ambient.cache import (
+    ENCODE_BATCH_SIZE,
+    SHARD_SIZE,
+    CacheSettings,
+    build_cache,
+    cache_folder,
+    check_cache_dir,
+    planned_settings,
+)
 from sdxl_ambient.config import (
     add_data_arguments,
     add_device_argument,
@@ -87,6 +95,9 @@ def run(args) -> int:
         if args.ambient_timestep is None and unleveled:
             raise UserError(f"--ambient_timestep is required for the {len(unleveled)} image(s) without a level of their own "
                             f"(e.g. {unleveled[0]}): give it, or an ambient_timestep column / per-source ambient_timestep")
+        made_with = planned_settings(data_config(args), args.pretrained_model_name_or_path,
+                                     args.pretrained_vae_model_name_or_path, args.revision, args.variant, args.shard_size)
+        check_cache_dir(CacheSettings(Path(args.output_dir), args.ambient_timestep, args.noise_seed), made_with, images)
         components = load_components(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                      pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path,
                                      load_unet=False)  # encoding needs no UNet

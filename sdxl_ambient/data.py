@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from sdxl_ambient.errors import UserError
-from sdxl_ambient.files import METADATA_FILES
+from sdxl_ambient.files import METADATA_FILES, public_name
 from sdxl_ambient.images import is_image_file, open_image
 
 logger = logging.getLogger(__name__)
@@ -259,15 +259,6 @@ def collect_records(source: DataSource) -> list[ImageRecord]:
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return dataset_records(ds, source.image_column, source.caption_column, name)
-
-
-def public_name(name_or_path: str | None) -> str | None:
-    """A Hub id as given; a local path reduced to its last component (no absolute paths in shared files)."""
-    if name_or_path is None:
-        return None
-    if os.path.isabs(name_or_path) or os.path.exists(name_or_path):
-        return Path(name_or_path).resolve().name
-    return name_or_path
 
 
 # ----------------------------------------------------------------------------- image loading

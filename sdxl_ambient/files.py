@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # LoRA weights: diffusers' format (``pipe.load_lora_weights(folder)``) and the kohya / ComfyUI copy.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -25,3 +28,12 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # In every output folder: what sdxl-ambient commands wrote there, and the lock of the command running there.
 OUTPUT_RECORD = ".sdxl-ambient.json"
 LOCK_FILE = ".sdxl-ambient.lock"
+
+
+def public_name(name_or_path: str | None) -> str | None:
+    """A Hub id as given; a local path reduced to its last component (no absolute paths in shared files)."""
+    if name_or_path is None:
+        return None
+    if os.path.isabs(name_or_path) or os.path.exists(name_or_path):
+        return Path(name_or_path).resolve().name
+    return name_or_path

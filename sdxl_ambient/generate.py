@@ -15,6 +15,7 @@ from pathlib import Path
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import METADATA_FILES
 from sdxl_ambient.images import image_grid
+from sdxl_ambient.models import lora_file
 from sdxl_ambient.outputs import OutputFolder
 from sdxl_ambient.pipelines import load_pipeline, trained_timestep
 from sdxl_ambient.sampling import generate_images
@@ -87,6 +88,8 @@ def run(args) -> int:
             t_n = trained_timestep(args.pretrained_model_name_or_path, args.lora_path) or 0
             print(f"sampling {'truncated at the trained t_n = ' + str(t_n) if t_n else 'to t = 0'} "
                   "(--ambient_timestep overrides it)")
+        if args.lora_path:
+            lora_file(args.lora_path)  # before the pipeline loads (load_pipeline checks the model's files first)
         pipe = load_pipeline(args.pretrained_model_name_or_path, lora_path=args.lora_path,
                              vae_path=args.pretrained_vae_model_name_or_path, revision=args.revision, variant=args.variant,
                              scheduler=args.scheduler, device=args.device, dtype=args.dtype, lora_scale=args.lora_scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -12,7 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdxl_ambient.errors import UserError
-from sdxl_ambient.files import EMA_DIR, EMA_STATE, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, MODEL_INDEX, SDXL_PARTS
+from sdxl_ambient.files import (
+    EMA_DIR,
+    EMA_STATE,
+    KOHYA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    MODEL_INDEX,
+    SDXL_PARTS,
+    public_name,
+)
 from sdxl_ambient.lora_formats import diffusers_to_kohya, text_encoder_module_path
 
 UNET_ATTENTION_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -32,6 +41,8 @@ class SDXLComponents:
     noise_scheduler: Any
     model_id: str
     vae_id: str | None = None
+    revision: str | None = None  # of model_id (a Hub id), as loaded
+    variant: str | None = None
 
 
 # ----------------------------------------------------------------------------- devices
@@ -57,10 +68,9 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
 
 
-def _read_model_index(name: str, revision: str | None) -> dict:
+def _read_model_index(name: str, revision: str | None, flag: str = "--pretrained_model_name_or_path") -> dict:
     from diffusers import DiffusionPipeline
 
-    flag = "--pretrained_model_name_or_path"
     local = Path(name).expanduser()
     if local.exists() or _looks_local(name):
         if not local.is_dir():
@@ -87,10 +97,12 @@ def _read_model_index(name: str, revision: str | None) -> dict:
 WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the sub-folders that hold weights
 
 
-def check_pipeline_files(name: str, revision: str | None = None, variant: str | None = None) -> None:
+def check_pipeline_files(name: str, revision: str | None = None, variant: str | None = None,
+                         flag: str = "--pretrained_model_name_or_path") -> None:
     """An SDXL pipeline, checked without loading it: its model_index.json, its sub-folders and, for a
-    local folder, safetensors weights (of ``variant``, if given) in each part that has weights."""
-    _read_model_index(name, revision)
+    local folder, safetensors weights (of ``variant``, if given) in each part that has weights.
+    Errors name ``flag`` (the one that gave ``name``)."""
+    _read_model_index(name, revision, flag)
     local = Path(name).expanduser()
     if not local.is_dir():
         return
@@ -98,8 +110,68 @@ def check_pipeline_files(name: str, revision: str | None = None, variant: str | 
     for part in WEIGHT_PARTS:
         if not any(p.name.endswith((suffix, suffix + ".index.json")) for p in (local / part).iterdir()):
             what = f"{variant} safetensors weights" if variant else "safetensors weights"
-            raise UserError(f"--pretrained_model_name_or_path {name}: {part}/ holds no {what} (*{suffix}); "
+            raise UserError(f"{flag} {name}: {part}/ holds no {what} (*{suffix}); "
                             "only safetensors are loaded")
+
+
+_CONTENT_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies: read whole (small)
+_TOP_LEVEL = (MODEL_INDEX, "config.json")  # a pipeline's index, or a single model's config (a VAE folder)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def _sampled_digest(path: Path, blocks: int = 8, block: int = 1 << 16) -> str:
+    """sha256 of ``blocks`` evenly spaced 64 KiB blocks of a file (the first and last among them; a
+    small file whole): two fine-tunes of one architecture, whose weight files have the same size,
+    differ here, for a few seeks rather than a pass over gigabytes."""
+    size, h = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= blocks * block:
+            h.update(f.read())
+        else:
+            for i in range(blocks):
+                f.seek((size - block) * i // (blocks - 1))
+                h.update(f.read(block))
+    return h.hexdigest()
+
+
+def _files_digest(folder: Path) -> str:
+    """A digest of what makes the model in ``folder`` that costs no pass over its weights: the contents
+    of its ``model_index.json`` / ``config.json`` and of each SDXL part's config and tokenizer files,
+    and the names, sizes and sampled blocks (:func:`_sampled_digest`) of the weight files (top level
+    and in each part)."""
+    entries = []
+
+    def add(path: Path) -> None:
+        rel = path.relative_to(folder).as_posix()
+        if path.name.endswith(_CONTENT_SUFFIXES):
+            entries.append([rel, hashlib.sha256(path.read_bytes()).hexdigest()])
+        else:
+            entries.append([rel, path.stat().st_size, _sampled_digest(path)])
+
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.name in _TOP_LEVEL or path.name.endswith(_WEIGHT_SUFFIXES)):
+            add(path)
+    for part in SDXL_PARTS:
+        if (folder / part).is_dir():
+            for path in sorted((folder / part).iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    add(path)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def model_identity(name_or_path: str | None, revision: str | None = None, variant: str | None = None) -> str | None:
+    """Which model ``name_or_path`` is, as a run's fingerprint and a latent cache's manifest record it
+    (never a local path): a local folder by its name and :func:`_files_digest` (another model in a
+    folder of the same name differs; a moved folder is the same), a Hub id with ``revision``, both with
+    ``variant``. None stays None."""
+    if name_or_path is None:
+        return None
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        identity = f"{public_name(str(local))} (files sha256 {_files_digest(local)[:16]})"
+    else:
+        identity = public_name(name_or_path) + (f"@{revision}" if revision else "")
+    return identity + (f" variant {variant}" if variant else "")
 
 
 def vae_source(vae_path: str) -> dict:
@@ -177,6 +249,8 @@ def load_components(
         noise_scheduler=DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common),
         model_id=pretrained_model_name_or_path,
         vae_id=vae_id,
+        revision=revision,
+        variant=variant,
     )
     if freeze_all:
         freeze(components.vae, components.text_encoder, components.text_encoder_2, components.unet)

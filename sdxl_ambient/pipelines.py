@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import SETTINGS_FILE
-from sdxl_ambient.models import lora_file, resolve_device, resolve_dtype, vae_source
+from sdxl_ambient.models import check_pipeline_files, lora_file, resolve_device, resolve_dtype, vae_source
 
 
 def trained_timestep(model_path: str | None, lora_path: str | None = None) -> int | None:
@@ -41,6 +41,7 @@ def load_pipeline(pretrained_model_name_or_path: str, *, lora_path: str | None =
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
+    check_pipeline_files(pretrained_model_name_or_path, revision, variant)  # as training checks it, before loading
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs = dict(torch_dtype=torch_dtype, use_safetensors=True, revision=revision, variant=variant)

@@ -327,12 +327,13 @@ def run_fingerprint(cfg: TrainConfig, resolved: Resolved, latent_data: list[dict
     learning rates, objective, precision), the latent data (each cache's examples, levels and noise,
     and how its images became latents), the schedule's length where the learning rate depends on
     it, and the number of processes."""
-    from sdxl_ambient.data import public_name
+    from sdxl_ambient.models import model_identity
 
     flags = cfg.flags
     given = {k: v for k, v in vars(flags).items() if k not in RESUME_SAFE_FLAGS | RESUME_RESOLVED_FLAGS}
-    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):  # a moved folder is the same model
-        given[key] = public_name(given[key])
+    # the models by what they are (files or Hub id and revision), not where: a moved folder is the same model
+    given["pretrained_model_name_or_path"] = model_identity(flags.pretrained_model_name_or_path, flags.revision, flags.variant)
+    given["pretrained_vae_model_name_or_path"] = model_identity(flags.pretrained_vae_model_name_or_path)
     if flags.lr_scheduler not in CONSTANT_SCHEDULES:
         given.update(max_train_steps=flags.max_train_steps, num_train_epochs=flags.num_train_epochs)
     computed = {k: v for k, v in resolved.as_dict().items() if k not in LOADED_ONLY}
@@ -438,10 +439,12 @@ def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
     return images, caches.plan_data(sources, cfg.data, cfg.cache, images)
 
 
-def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, resume_path, accelerator):
-    """(main process) That the checkpoint to resume belongs to this run; then, with --push_to_hub,
-    the Hub repo (checked and created once all else passed). Returns the repo, or None."""
+def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, images, resume_path, accelerator):
+    """(main process) That the checkpoint to resume belongs to this run; that a latent cache already in
+    --cache_dir was made with this run's settings and data (a resume names the differing flags first);
+    then, with --push_to_hub, the Hub repo (checked and created once all else passed). Returns the repo, or None."""
     from sdxl_ambient import hub
+    from sdxl_ambient.cache import check_cache_dir, planned_settings
 
     flags = cfg.flags
     if resume_path is not None:
@@ -450,6 +453,10 @@ def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, resume_p
                             f"--cache_dir {cfg.cache.cache_dir}, and a new one would carry new noise: give the "
                             "--cache_dir that holds it (or the --noise_seed it was made with), or start a new run")
         checkpointing.check_resumable(resume_path, run_fingerprint(cfg, resolved, planned.fingerprint, accelerator))
+    if images is not None:  # the run's own cache, to be reused or completed: refused now rather than once the models load
+        check_cache_dir(cfg.cache, planned_settings(cfg.data, flags.pretrained_model_name_or_path,
+                                                    flags.pretrained_vae_model_name_or_path, flags.revision, flags.variant),
+                        images)
     if flags.push_to_hub:
         return hub.prepare_repo(hub.default_repo_id(flags.hub_model_id, flags.output_dir), private=flags.hub_private_repo)
     return None
@@ -479,7 +486,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
     images, planned = on_main_process(accelerator, lambda: check_inputs(cfg, resume_path, held)) or (None, None)
     resolved = resolve(cfg, shared(accelerator, planned.levels if planned else None), resume_path, accelerator)
-    hub_repo = on_main_process(accelerator, lambda: check_resume_and_hub(cfg, resolved, planned, resume_path, accelerator))
+    hub_repo = on_main_process(accelerator, lambda: check_resume_and_hub(cfg, resolved, planned, images, resume_path,
+                                                                             accelerator))
     set_seed(resolved.seed)
     if flags.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -804,7 +812,7 @@ def finish(run: Run, step: int) -> None:
     """Final weights (LoRA files or a pipeline folder), final samples, the model card, the Hub push.
     A failed push keeps everything written and ends the run with a one-line error saying how to push later."""
     from sdxl_ambient import hub, models
-    from sdxl_ambient.data import public_name
+    from sdxl_ambient.files import public_name
 
     accelerator, flags = run.accelerator, run.flags
     push_failed = None

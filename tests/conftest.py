@@ -27,6 +27,15 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline")
 
 
+@pytest.fixture(scope="session")
+def other_pipeline_dir(tmp_path_factory, tiny_pipeline_dir) -> Path:
+    """Another tiny pipeline (other random weights, the same configs and file sizes) in a folder of the
+    same name as ``tiny_pipeline_dir``'s."""
+    from sdxl_ambient.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("other") / tiny_pipeline_dir.name, seed=1)
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """An imagefolder of the 8 bundled real images with a metadata.jsonl of captions (a fresh copy per test)."""

@@ -218,9 +218,9 @@ def test_a_damaged_finished_cache_without_its_noise_seed_is_refused(noise_folder
         build(noise_folder, components, cache_dir, noise_seed=None)
 
 
-def _other_parts(components, change: str):
-    """The components with one part replaced: another model or VAE by name, a VAE of another latent scaling, text
-    encoders of another width, another noise schedule."""
+def _other_parts(components, change: str, other=None):
+    """The components with one part replaced: another model or VAE by name, another model (``other``) in a folder of
+    the same name, a VAE of another latent scaling, text encoders of another width, another noise schedule."""
     from diffusers import DDPMScheduler
 
     def config(part, **changed):
@@ -229,6 +229,7 @@ def _other_parts(components, change: str):
 
     parts = {
         "model": dict(model_id="stabilityai/stable-diffusion-xl-base-1.0"),
+        "model_of_the_same_folder_name": dict(model_id=str(other)),
         "vae": dict(vae_id="madebyollin/sdxl-vae-fp16-fix"),
         "vae_scaling": dict(vae=types.SimpleNamespace(config=config(components.vae, scaling_factor=0.18215))),
         "text_encoder": dict(text_encoder=types.SimpleNamespace(config=config(components.text_encoder, hidden_size=48))),
@@ -244,17 +245,19 @@ def _other_parts(components, change: str):
     (dict(center_crop=True), "center_crop"),
     ("edit_image", "img4.png"),
     ("edit_caption", "caption"),
-    ("model", "model_id: cache has 'pipeline', now 'stabilityai/stable-diffusion-xl-base-1.0'"),
+    ("model", "', now 'stabilityai/stable-diffusion-xl-base-1.0'"),  # was 'pipeline (files sha256 ...)'
+    ("model_of_the_same_folder_name", "model_id: cache has 'pipeline (files sha256 "),
     ("vae", "vae_id: cache has None, now 'madebyollin/sdxl-vae-fp16-fix'"),
     ("vae_scaling", "'scaling_factor': 0.18215"),
     ("text_encoder", "'prompt_embeds_dim': 80"),
     ("schedule", "'beta_end': 0.02"),
 ])
-def test_cache_with_other_settings_or_data_is_refused(noise_folder, tmp_path, components, change, named, monkeypatch):
+def test_cache_with_other_settings_or_data_is_refused(noise_folder, tmp_path, components, other_pipeline_dir, change, named,
+                                                     monkeypatch):
     build(noise_folder, components, tmp_path / "c")
     overrides = change if isinstance(change, dict) else {}
-    now = _other_parts(components, change) if change in ("model", "vae", "vae_scaling", "text_encoder", "schedule") \
-        else components
+    parts = ("model", "model_of_the_same_folder_name", "vae", "vae_scaling", "text_encoder", "schedule")
+    now = _other_parts(components, change, other_pipeline_dir) if change in parts else components
     if change == "edit_image":
         Image.new("RGB", SIZES[4][::-1], (1, 2, 3)).save(noise_folder / "img4.png")
     elif change == "edit_caption":
@@ -288,7 +291,7 @@ def test_manifest_records_the_making_and_no_local_paths(noise_folder, tmp_path, 
     assert (s["resolution"], s["random_flip"], s["enable_bucket"]) == (64, True, True)
     assert {e["ambient_timestep"] for e in m["data"]["examples"]} == {T_N}  # each example's t_n beside its key
     assert m["noise_seed_digest"] == cache_mod.seed_digest(NOISE_SEED) and "seed" not in s  # the seed would undo the noise
-    assert s["model_id"] == tiny_pipeline_dir.name and m["data"]["examples"][0]["key"] == "img0.png"
+    assert s["model_id"].startswith(f"{tiny_pipeline_dir.name} (files sha256 ") and m["data"]["examples"][0]["key"] == "img0.png"
     assert len(m["data"]["examples"][0]["content"]) == 64 and m["complete"]
     plain = hashlib.sha256((noise_folder / "img0.png").read_bytes()).hexdigest()
     assert plain not in text  # keyed: the manifest cannot confirm a candidate image

@@ -98,11 +98,154 @@ def test_integer_flags_given_as_floats_in_yaml_are_one_line_before_any_model_loa
     assert not (tmp_path / "out").exists()
 
 
+# ----------------------------------------------------------------------------- the sampling commands and corrupt
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command starts loading a model: an SDXL pipeline or VAE, SDXL's parts, an embedder."""
+    import diffusers
+
+    from sdxl_ambient import models
+    from sdxl_ambient.evaluation import features
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    for owner, name in ((diffusers.StableDiffusionXLPipeline, "from_pretrained"), (diffusers.AutoencoderKL, "from_pretrained"),
+                        (models, "load_components"), (features, "DinoV2Embedder"), (features, "ClipImageEmbedder")):
+        monkeypatch.setattr(owner, name, refuse)
+
+
+def _model_without_weights(tmp_path, tiny_pipeline_dir, part="unet"):
+    model = shutil.copytree(tiny_pipeline_dir, tmp_path / "broken" / "pipeline")
+    for weights in (model / part).glob("*.safetensors"):
+        weights.unlink()
+    return model
+
+
+def _generate(tmp_path, *extra):
+    return ["generate", "--prompt", "a cat", "--resolution", "64", "--output_dir", str(tmp_path / "out"), *map(str, extra)]
+
+
+def _memorization(images, tmp_path, *models):
+    return ["memorization", "--train_data_dir", str(images), *[a for m in models for a in ("--model", m)],
+            "--output_dir", str(tmp_path / "out")]
+
+
+def _corrupt(model, images, tmp_path):
+    return ["corrupt", "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images), "--ambient_timestep",
+            "100", "--resolution", "64", "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+
+
+def _generate_without_unet_weights(tmp_path, model, images):
+    broken = _model_without_weights(tmp_path, model)
+    return (_generate(tmp_path, "--pretrained_model_name_or_path", broken),
+            [f"--pretrained_model_name_or_path {broken}: unet/ holds no safetensors weights"])
+
+
+def _generate_without_its_lora(tmp_path, model, images):
+    return (_generate(tmp_path, "--pretrained_model_name_or_path", model, "--lora_path", tmp_path / "gone"),
+            [f"--lora_path {tmp_path / 'gone'}: no such file or folder"])
+
+
+def _memorization_second_model_without_unet_weights(tmp_path, model, images):
+    broken = _model_without_weights(tmp_path, model)  # checked before the first model is measured
+    return (_memorization(images, tmp_path, f"base={model}", f"tuned={broken}"),
+            [f"--model {broken}: unet/ holds no safetensors weights"])
+
+
+def _memorization_second_lora_missing(tmp_path, model, images):
+    return (_memorization(images, tmp_path, f"base={model}", f"tuned={model}:{tmp_path / 'gone'}"),
+            [f"--model {tmp_path / 'gone'}: no such file or folder"])
+
+
+def _memorization_row_without_file_name(tmp_path, model, images):
+    return _memorization(images, tmp_path, f"base={model}"), [_row_without_file_name(images)]
+
+
+def _memorization_row_not_an_object(tmp_path, model, images):
+    return _memorization(images, tmp_path, f"base={model}"), [_row_not_an_object(images)]
+
+
+def _corrupt_without_vae_weights(tmp_path, model, images):
+    broken = _model_without_weights(tmp_path, model, "vae")
+    return _corrupt(broken, images, tmp_path), [f"--pretrained_model_name_or_path {broken}: vae/ holds no safetensors weights"]
+
+
+def _corrupt_row_without_file_name(tmp_path, model, images):
+    return _corrupt(model, images, tmp_path), [_row_without_file_name(images)]
+
+
+def _corrupt_row_not_an_object(tmp_path, model, images):
+    return _corrupt(model, images, tmp_path), [_row_not_an_object(images)]
+
+
+@pytest.mark.parametrize("case", [_generate_without_unet_weights, _generate_without_its_lora,
+                                  _memorization_second_model_without_unet_weights, _memorization_second_lora_missing,
+                                  _memorization_row_without_file_name, _memorization_row_not_an_object,
+                                  _corrupt_without_vae_weights, _corrupt_row_without_file_name, _corrupt_row_not_an_object])
+def test_generate_memorization_and_corrupt_check_their_inputs_before_any_model_loads(no_loading, capsys, tmp_path,
+                                                                                     tiny_pipeline_dir, image_folder, case):
+    """The issue's examples (a model folder without weights, a bad metadata row) in the other commands that load
+    models: one line naming the flag or file, exit status 2, before any model loads (in `memorization`, before
+    the first model's report), and no output folder left behind."""
+    from sdxl_ambient.cli import main
+
+    argv, fragments = case(tmp_path, tiny_pipeline_dir, image_folder)
+    assert_one_line_error(capsys, main(argv), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_into_a_dataset_of_other_settings_is_refused_before_any_model_loads(monkeypatch, capsys, tmp_path,
+                                                                                    tiny_pipeline_dir, image_folder):
+    """`corrupt` completes only its own dataset: one made with other settings in --output_dir is refused, naming the
+    setting, before the model loads (today: once it is loaded)."""
+    from sdxl_ambient import models
+    from sdxl_ambient.cli import main
+
+    assert main(_corrupt(tiny_pipeline_dir, image_folder, tmp_path)) == 0
+    before = snapshot(tmp_path / "out")
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    assert_one_line_error(capsys, main([*_corrupt(tiny_pipeline_dir, image_folder, tmp_path), "--resolution", "128"]),
+                          f"the latent cache in {tmp_path / 'out'} was made with other settings",
+                          "resolution: cache has 64, now 128")
+    assert snapshot(tmp_path / "out") == before
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_pipeline_dir):
     out = tmp_path_factory.mktemp("finished") / "out"
     assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, steps=6)) == 0
     return out
+
+
+def _other_images(tmp_path, other_model):
+    folder = shutil.copytree(DEMO_IMAGES, tmp_path / "images")
+    image = sorted(folder.glob("*.jpg"))[0]
+    from PIL import Image
+
+    Image.open(image).rotate(90).save(image)
+    return ["--train_data_dir", folder], f"{image.name}: content"
+
+
+@pytest.mark.parametrize("change", [
+    lambda tmp, other: (["--resolution", "128"], "resolution: cache has 64, now 128"),
+    lambda tmp, other: (["--center_crop"], "center_crop: cache has False, now True"),
+    _other_images,
+    lambda tmp, other: (["--pretrained_model_name_or_path", other], "model_id: cache has 'pipeline (files sha256 "),
+], ids=["resolution", "center_crop", "images", "model_of_the_same_folder_name"])
+def test_a_new_run_on_a_cache_of_other_settings_or_data_is_refused_before_any_model_loads(
+        no_models, capsys, finished, tmp_path, tiny_pipeline_dir, other_pipeline_dir, change):
+    """A fresh run given a --cache_dir that holds a cache made with other settings, images or model is refused in
+    one line naming what differs, before any model loads (today: only once the models are loaded), writing nothing."""
+    cache = shutil.copytree(finished / "latent_cache", tmp_path / "cache")
+    extra, fragment = change(tmp_path, other_pipeline_dir)
+    before = snapshot(cache)
+    assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, tmp_path / "out", "--cache_dir",
+                                                          cache, *extra)),
+                          f"the latent cache in {cache} was made with other", fragment, "Use another --cache_dir")
+    assert snapshot(cache) == before and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("damage, fragment", [

@@ -109,6 +109,59 @@ def test_a_resume_whose_cache_is_gone_and_cannot_be_remade_is_refused(no_models,
     assert snapshot(out) == before
 
 
+def test_a_resume_with_another_model_in_a_folder_of_the_same_name_is_refused(no_models, capsys, finished, tmp_path,
+                                                                               tiny_pipeline_dir, other_pipeline_dir):
+    """The model is recorded by what it is, not by its folder's name: another model (other weights, the same
+    configs and file sizes) in a folder named alike is refused; the same files moved elsewhere are the same model."""
+    from sdxl_ambient.models import model_identity
+
+    assert other_pipeline_dir.name == tiny_pipeline_dir.name
+    out = cut_at_3(finished, tmp_path / "out")
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(capsys, cli_inprocess(tiny_args(other_pipeline_dir, DEMO_IMAGES, out,
+                                                                 "--resume_from_checkpoint", "latest")),
+                                 "belongs to another run", "--pretrained_model_name_or_path \"pipeline (files sha256 ")
+    assert line.count(" there, ") == 1  # the model, nothing else
+    assert snapshot(tmp_path) == before
+    moved = shutil.copytree(tiny_pipeline_dir, tmp_path / "moved" / tiny_pipeline_dir.name)
+    assert model_identity(str(moved)) == model_identity(str(tiny_pipeline_dir)) != model_identity(str(other_pipeline_dir))
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(no_models, capsys, finished, tmp_path, tiny_pipeline_dir):
+    """The number of processes is part of the fingerprint (it shapes the batches): a checkpoint of a two-process run
+    (its fingerprint as such a run records it) resumed by one process is refused naming it."""
+    out = cut_at_3(finished, tmp_path / "out")
+    state_file = out / "checkpoint-3" / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["fingerprint"]["processes"] == 1
+    state["fingerprint"]["processes"] = 2
+    state_file.write_text(json.dumps(state))
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out,
+                                                                 "--resume_from_checkpoint", "latest")),
+                                 "belongs to another run", "processes 2 there, 1 now")
+    assert line.count(" there, ") == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_the_readme_lists_exactly_the_flags_a_resume_may_change():
+    """README's "Resuming" names every flag of config.RESUME_SAFE_FLAGS and no other (the hidden --hub_token
+    aside, refused in every run), so that the two cannot drift apart."""
+    import argparse
+    import re
+
+    from helpers import ROOT
+    from sdxl_ambient.config import RESUME_SAFE_FLAGS, build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"These may change on a resume \(`config\.RESUME_SAFE_FLAGS`\):(.*?)\.\s", readme, re.S).group(1)
+    named = set(re.findall(r"`--([a-z0-9_]+)`", listed))
+    hidden = {a.dest for a in build_parser()._actions if a.help == argparse.SUPPRESS and a.dest != "help"}
+    assert hidden == {"hub_token"}
+    assert named == RESUME_SAFE_FLAGS - hidden
+    assert "validation_split" not in named and {"torch_compile", "torch_compile_mode"} <= named
+
+
 def test_settings_that_change_no_weight_stay_changeable(monkeypatch, finished, tmp_path, tiny_pipeline_dir):
     """Resume checkpoint-3 of the finished run into a new folder (its cache rebuilt from the same noise
     seed), with logging, checkpointing and validation changed: steps 4-6 run, and the weights are the

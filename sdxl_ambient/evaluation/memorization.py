@@ -314,6 +314,21 @@ def add_arguments(parser) -> None:
     add_sampling_arguments(parser)
 
 
+def check_models(specs: Sequence[tuple[str, str, str | None]], pipeline_kwargs: Mapping | None = None) -> None:
+    """Every model and LoRA of the report, checked before anything loads (not each in its turn, after the
+    models before it were measured): the pipeline's files as training checks them
+    (``models.check_pipeline_files``), the LoRA file, a local VAE folder."""
+    from sdxl_ambient.models import check_pipeline_files, lora_file, vae_source
+
+    kwargs = dict(pipeline_kwargs or {})
+    for _, base, lora in specs:
+        check_pipeline_files(base, kwargs.get("revision"), kwargs.get("variant"), flag="--model")
+        if lora:
+            lora_file(lora, flag="--model")
+    if kwargs.get("vae_path"):
+        vae_source(kwargs["vae_path"])
+
+
 def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSource | str | Path, output_dir, *,
                     embedder: str, clip_model: str | None = None, truncation: Mapping[str, int] | None = None,
                     num_images: int = 100, num_attack_images: int = 8, attack_timestep: int = 900, attack_steps: int = 50,
@@ -331,8 +346,9 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSo
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"--model names must be distinct, got {names}")
+    check_models(specs, pipeline_kwargs)
     truncation = dict(truncation or {})
-    train = read_training_set(source)
+    train = read_training_set(source)  # every image decoded and caption checked, still before anything loads
     train_images = [load_image(r) for r in train]
     captions = [r.caption for r in train]
     device = resolve_device(device)
