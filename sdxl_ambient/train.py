@@ -35,7 +35,7 @@ from sdxl_ambient.files import (
     VALIDATION_DIR,
 )
 from sdxl_ambient.outputs import OutputFolder, check_apart
-from sdxl_ambient.step import AmbientObjective, conditioned_unet
+from sdxl_ambient.step import HARMFUL_CONSISTENCY_LEVEL, AmbientObjective, conditioned_unet
 from sdxl_ambient.text import text_embeddings
 
 logger = logging.getLogger("sdxl_ambient")
@@ -410,7 +410,8 @@ def on_main_process(accelerator, check):
 def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
     """Everything that needs no model, before any loads (main process): the output and cache folders
     (locked for the run's life, in ``held``; a complete cache is only read and not locked), the model
-    folder's files, the checkpoint's files, every image and caption. Nothing is written but the locks.
+    folder's files, the checkpoint's files, every image and caption, and the objective for the data's
+    levels (the consistency term needs a noisy example). Nothing is written but the locks.
     Returns the checked images of the image sources (None when every source is a noisy-latent
     dataset, used as is) and the planned data (:class:`cache.PlannedData`)."""
     from sdxl_ambient import cache as caches
@@ -435,7 +436,9 @@ def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
     images = None
     if own_cache:
         images = load_training_images(caches.image_sources(sources), cfg.data, prefix_keys=len(sources) > 1)
-    return images, caches.plan_data(sources, cfg.data, cfg.cache, images)
+    planned = caches.plan_data(sources, cfg.data, cfg.cache, images)
+    cfg.objective.check_timestep(planned.levels)
+    return images, planned
 
 
 def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, resume_path, accelerator):
@@ -842,9 +845,8 @@ def announce(run: Run, step: int) -> None:
                 run.objective.consistency_weight, run.accelerator.num_processes)
     harmful = run.cfg.objective.harmful_levels(run.cache.levels)
     if harmful:
-        logger.warning("the consistency term is on for data at t_n %s: on real images every form measured at t_n >= 500 "
-                       "made samples worse than no term (docs/image_results.md, Part 3); consider --consistency_weight 0",
-                       harmful)
+        logger.warning("the consistency term is on for data at t_n %s (>= %d), where it made samples worse in "
+                       "docs/image_results.md (Part 3); consider --consistency_weight 0", harmful, HARMFUL_CONSISTENCY_LEVEL)
     for source in run.resolved.data_sources:
         logger.info("data source %s: %d examples, repeats %d, t_n %s", source["name"], source["examples"],
                     source["repeats"], source["ambient_timestep"])
