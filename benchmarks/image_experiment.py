@@ -313,7 +313,7 @@ def draw(ctx: Context, unet, job: Job, sampler: str, base=None) -> torch.Tensor:
 
 def measure(ctx: Context, job: Job, samples: torch.Tensor) -> dict:
     """Quality, and for fine-tunes the copying measures, of one sampler's samples."""
-    from sdxl_ambient.evaluation.memorization import similarity_stats, top1_similarity
+    from sdxl_ambient.evaluation.similarity import similarity_stats, top1_similarity
 
     finetune = job.finetune in ("lora", "full")
     out = (ctx.finetune_quality if finetune else ctx.quality)(samples)
@@ -670,7 +670,7 @@ def write_figures(results: dict[str, dict], agg: dict, settings: Settings, out: 
 
 def report(out: Path, settings: Settings, results: dict[str, dict], meta: dict) -> list[str]:
     """tables.md, results.json and the figures in ``out``; returns the files written."""
-    from sdxl_ambient.evaluation.memorization import similarity_stats, top1_similarity
+    from sdxl_ambient.evaluation.similarity import similarity_stats, top1_similarity
 
     data = D.load_digits()
     classifier = D.train_classifier(data.classifier)

@@ -410,8 +410,7 @@ def check_cache_dir(settings: CacheSettings, made_with: dict, images: TrainingIm
 
 def _check_levels(images: TrainingImages, ambient_timestep: int, num_train_timesteps: int) -> None:
     for record, level in zip(images.records, example_levels(images, ambient_timestep)):
-        if not 0 <= level < num_train_timesteps:
-            raise UserError(f"{record.name}: ambient_timestep {level} must be in [0, {num_train_timesteps}) (0 = clean)")
+        check_ambient_timestep(level, num_train_timesteps, where=f"{record.name}: ambient_timestep")
 
 
 def build_cache(cache_dir: str | os.PathLike, images: TrainingImages, components, ambient_timestep: int, *,

@@ -21,15 +21,15 @@ import yaml
 
 from sdxl_ambient.cache import CacheSettings
 from sdxl_ambient.compile import COMPILE_MODES
-from sdxl_ambient.data import DataConfig, DataSource, check_source_names
+from sdxl_ambient.data import DataConfig, DataSource, check_resolution, check_source_names
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import LATENT_CACHE_DIR
 from sdxl_ambient.heldout import HeldOutSettings, split_size
 from sdxl_ambient.models import DTYPES
 from sdxl_ambient.objectives import check_ambient_timestep
 from sdxl_ambient.optimizers import OPTIMIZERS, OptimizerSettings
-from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN
-from sdxl_ambient.step import ObjectiveSettings
+from sdxl_ambient.sampling import DEFAULT_GUIDANCE_SCALE, DEFAULT_JUMP_MARGIN
+from sdxl_ambient.step import DEFAULT_CONSISTENCY_FRACTION, ObjectiveSettings
 from sdxl_ambient.validation import ValidationSettings
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -123,7 +123,7 @@ def add_data_arguments(parser) -> None:
                              "mappings (train_data_dir or dataset_name, ambient_timestep, repeats, name, caption_column, "
                              "image_column, max_train_samples); in a --config file, the list itself.")
     g = parser.add_argument_group("examples")
-    g.add_argument("--resolution", type=int, default=1024)
+    add_resolution_argument(g)
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--enable_bucket", action="store_true", help="Aspect-ratio bucketing (kohya's flag).")
@@ -154,12 +154,35 @@ def add_device_argument(parser) -> None:
     parser.add_argument("--device", default=None, help="Where to run (default: cuda if available, else cpu).")
 
 
+def add_resolution_argument(parser) -> None:
+    """--resolution, for training's examples and sampling's images alike (checked by :func:`data.check_resolution`)."""
+    parser.add_argument("--resolution", type=int, default=1024,
+                        help="Image side in pixels, a multiple of 8: in training, the side each example is resized and "
+                             "cropped to (with --enable_bucket, the area of the buckets); in sampling, the height and "
+                             "width of the images.")
+
+
+def add_max_train_steps_argument(parser, help: str = "Overrides --num_train_epochs.") -> None:
+    """--max_train_steps: the training run's length (the demo passes it on to its training run)."""
+    parser.add_argument("--max_train_steps", type=int, default=None, help=help)
+
+
+def add_embedder_arguments(parser) -> None:
+    """The image embedders of the evaluation commands (``memorization`` and ``quality``)."""
+    from sdxl_ambient.evaluation.features import DEFAULT_EMBEDDER
+
+    parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="DINOv2 Hub name or local folder")
+    parser.add_argument("--clip_model", default=None,
+                        help="optional CLIP model (Hub name or folder): in memorization a second similarity, in quality "
+                             "the CLIP score (or the features with --features clip)")
+
+
 def add_sampling_arguments(parser) -> None:
-    """How a model samples (``generate`` and ``memorization``)."""
+    """How a model samples (``generate`` and ``memorization``), checked by :func:`check_sampling_flags`."""
     g = parser.add_argument_group("sampling")
     g.add_argument("--num_inference_steps", type=int, default=30)
-    g.add_argument("--guidance_scale", type=float, default=5.0)
-    g.add_argument("--resolution", type=int, default=1024, help="height and width of the images")
+    g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    add_resolution_argument(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--scheduler", default=None, help="a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler")
     g.add_argument("--jump_margin", type=int, default=DEFAULT_JUMP_MARGIN,
@@ -181,7 +204,7 @@ def _add_objective_arguments(parser) -> None:
     g.add_argument("--consistency_steps", type=int, default=1, help="Reverse-process steps in each consistency chain.")
     g.add_argument("--consistency_max_delta", type=int, default=None, help="Largest t - s of the chain (default t_n).")
     g.add_argument("--consistency_start_step", type=int, default=0, help="Optimizer step from which the consistency loss is on.")
-    g.add_argument("--consistency_fraction", type=float, default=0.25,
+    g.add_argument("--consistency_fraction", type=float, default=DEFAULT_CONSISTENCY_FRACTION,
                    help="Fraction of each batch that gets the consistency term (rescaled, so its expectation is unchanged).")
     g.add_argument("--consistency_one_sided", action="store_true",
                    help="Backpropagate the consistency term through one chain only (same value and expected gradient).")
@@ -238,7 +261,7 @@ def _add_training_arguments(parser) -> None:
                         "step), for classifier-free guidance.")
     g.add_argument("--train_batch_size", type=int, default=1)
     g.add_argument("--num_train_epochs", type=int, default=100)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    add_max_train_steps_argument(g)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--learning_rate", type=float, default=1e-4)
@@ -354,11 +377,22 @@ RESUME_RESOLVED_FLAGS = frozenset({
 })
 
 
+def model_paths(args, *, base: bool = True) -> list[tuple[str, object]]:
+    """The model a command reads (:func:`add_model_arguments` with ``base``), as (flag, value)."""
+    paths = [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)] if base else []
+    return paths + [("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path)]
+
+
+def data_source_paths(args) -> list[tuple[str, object]]:
+    """The data a command reads (:func:`add_data_source_arguments`), as (flag, value)."""
+    return [("--train_data_dir", args.train_data_dir), ("--dataset_name", args.dataset_name)]
+
+
 def input_paths(args) -> list[tuple[str, object]]:
-    """The model and data a command reads, as (flag, value): what its output folder must stay apart from."""
-    names = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "train_data_dir", "dataset_name")
-    paths = [(f"--{name}", getattr(args, name, None)) for name in names]
-    for entry in getattr(args, "data_sources", None) or []:
+    """The model and data training and ``corrupt`` read (:func:`add_model_arguments`, :func:`add_data_arguments`),
+    as (flag, value): what their output folders must stay apart from."""
+    paths = model_paths(args) + data_source_paths(args)
+    for entry in args.data_sources or []:
         paths += [(f"--data_sources {key}", entry.get(key)) for key in ("train_data_dir", "dataset_name")]
     return paths
 
@@ -424,14 +458,14 @@ def yaml_defaults(parser: argparse.ArgumentParser, values: dict, path: str) -> d
     return {key: _yaml_value(actions[key], value, f"--config {path}: {key}") for key, value in values.items()}
 
 
-def _prefer_command_line_source(args, file_values: dict, argv: list[str]) -> None:
-    """A data source given on the command line replaces the other kind set in the YAML file."""
+def _without_replaced_sources(file_values: dict, argv: list[str]) -> dict:
+    """The YAML file's values less the data sources of another kind than one given on the command line,
+    which replaces them."""
     given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
     kinds = ("train_data_dir", "dataset_name", "data_sources")
-    for flag in kinds:
-        for other in kinds:
-            if flag != other and flag in given and other not in given and other in file_values:
-                setattr(args, other, None)
+    if not given & set(kinds):
+        return file_values
+    return {key: value for key, value in file_values.items() if key in given or key not in kinds}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -439,12 +473,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    values = {}
     if pre.config:
-        values = read_yaml(pre.config)
+        values = _without_replaced_sources(read_yaml(pre.config), argv)
         parser.set_defaults(**yaml_defaults(parser, values, pre.config))
     args = parser.parse_args(argv)
-    _prefer_command_line_source(args, values, argv)
     check_flags(args)
     return args
 
@@ -452,7 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- checks
 
 
-def _at_least(args, minimum: int, *flags: str) -> None:
+def at_least(args, minimum: int, *flags: str) -> None:
+    """Each of ``flags`` (when given) is >= ``minimum``."""
     for flag in flags:
         value = getattr(args, flag)
         if value is not None and value < minimum:
@@ -467,10 +500,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if not args.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required")
     refuse_contradicting_flags(args)
-    _at_least(args, 1, "train_batch_size", "gradient_accumulation_steps", "rank", "max_train_steps", "num_train_epochs",
+    at_least(args, 1, "train_batch_size", "gradient_accumulation_steps", "rank", "max_train_steps", "num_train_epochs",
               "checkpointing_steps", "validation_steps", "logging_steps", "max_nonfinite_steps", "checkpoints_total_limit",
               "num_validation_images", "validation_inference_steps")
-    _at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers")
+    at_least(args, 0, "lr_warmup_steps", "dataloader_num_workers")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate {args.learning_rate} must be > 0")
     if not 0 <= args.proportion_empty_prompts <= 1:
@@ -489,6 +522,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--text_encoder_lr sets the text encoders' learning rate: it goes with --train_text_encoder")
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling group's rules (``generate`` and ``memorization``), before any model loads."""
+    at_least(args, 1, "num_inference_steps", "batch_size")
+    at_least(args, 0, "jump_margin")
+    check_resolution(args.resolution)
+
+
 # ----------------------------------------------------------------------------- settings per concern
 
 
@@ -505,7 +545,7 @@ def data_source(args, **entry) -> DataSource:
 
 def data_sources(args) -> tuple[DataSource, ...]:
     """--data_sources (each entry's keys over the flags' values), or the one --train_data_dir / --dataset_name."""
-    if not getattr(args, "data_sources", None):
+    if not args.data_sources:
         return (data_source(args),)
     sources = []
     for n, entry in enumerate(args.data_sources, 1):
@@ -575,14 +615,10 @@ class TrainConfig:
 def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse and check every flag; nothing is read beyond the YAML file and nothing is written."""
     args = parse_args(argv)
-    objective = objective_settings(args)
-    sources = data_sources(args)
-    for level in [s.ambient_timestep for s in sources if s.ambient_timestep is not None]:
-        check_ambient_timestep(level)  # the levels known before any data is read lie on the schedule
-    if args.ambient_timestep is not None and not args.data_sources:  # the one source's level (unless its metadata has others)
-        objective.check_timestep(args.ambient_timestep)
-    elif args.ambient_timestep is not None:
+    # the levels known before any data is read (the flag's; each source's, checked by DataSource) lie on the
+    # schedule; whether any example is noisy is known only once the data is planned (train.check_inputs)
+    if args.ambient_timestep is not None:
         check_ambient_timestep(args.ambient_timestep)
-    return TrainConfig(flags=args, sources=sources, data=data_config(args), cache=cache_settings(args),
-                       objective=objective, optimizer=optimizer_settings(args), validation=validation_settings(args),
-                       held_out=held_out_settings(args))
+    return TrainConfig(flags=args, sources=data_sources(args), data=data_config(args), cache=cache_settings(args),
+                       objective=objective_settings(args), optimizer=optimizer_settings(args),
+                       validation=validation_settings(args), held_out=held_out_settings(args))

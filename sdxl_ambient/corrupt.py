@@ -29,12 +29,14 @@ from sdxl_ambient.config import (
     add_device_argument,
     add_model_arguments,
     add_noise_arguments,
+    at_least,
     data_config,
     data_sources,
     input_paths,
 )
 from sdxl_ambient.data import load_training_images
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.objectives import check_ambient_timestep
 from sdxl_ambient.outputs import check_apart
 
 
@@ -80,6 +82,9 @@ def summary(cache, images, alphas_cumprod) -> str:
 def run(args) -> int:
     from sdxl_ambient.models import check_pipeline_files, load_components, resolve_device
 
+    at_least(args, 1, "batch_size", "shard_size")
+    if args.ambient_timestep is not None:
+        check_ambient_timestep(args.ambient_timestep)
     sources = data_sources(args)
     repeated = [s.label for s in sources if s.repeats != 1]
     if repeated:

@@ -32,6 +32,7 @@ from PIL import Image
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import METADATA_FILES, public_name
 from sdxl_ambient.images import is_image_file, open_image
+from sdxl_ambient.objectives import check_ambient_timestep
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ class DataSource:
             raise UserError("--dataset_name and --train_data_dir contradict each other: give one")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserError(f"--max_train_samples {self.max_train_samples} must be >= 1")
-        if self.ambient_timestep is not None and self.ambient_timestep < 0:
-            raise UserError(f"ambient_timestep {self.ambient_timestep} of {self.label} must be >= 0")
+        if self.ambient_timestep is not None:
+            check_ambient_timestep(self.ambient_timestep, where=f"{self.label}: ambient_timestep")
         if self.repeats < 1:
             raise UserError(f"repeats {self.repeats} of {self.label} must be >= 1")
         if self.name is not None and (not self.name or "/" in self.name):
@@ -139,13 +140,16 @@ TIMESTEP_COLUMN = "ambient_timestep"
 
 
 def row_timestep(value, where: str) -> int | None:
-    """An example's ``ambient_timestep`` cell: a whole number >= 0 (0 = clean), or None when empty."""
+    """An example's ``ambient_timestep`` cell: a whole number, a timestep of the schedule (0 = clean), or
+    None when empty."""
     if value is None or value == "":
         return None
-    whole = (isinstance(value, int) and value >= 0) or (isinstance(value, str) and value.strip().isdigit())
+    text = value.strip() if isinstance(value, str) else value
+    whole = isinstance(text, int) or (isinstance(text, str) and text.removeprefix("-").isdigit())
     if isinstance(value, bool) or not whole:
-        raise UserError(f"{where}: {TIMESTEP_COLUMN} {value!r} must be a whole number >= 0 (0 = clean)")
-    return int(value)
+        raise UserError(f"{where}: {TIMESTEP_COLUMN} {value!r} must be a whole number (0 = clean)")
+    check_ambient_timestep(int(text), where=f"{where}: {TIMESTEP_COLUMN}")
+    return int(text)
 
 
 def read_metadata(folder: str | os.PathLike, caption_column: str = "text") -> list[dict] | None:
@@ -335,6 +339,12 @@ def closest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(b[1] / b[0] - ratio), -b[0] * b[1]))
 
 
+def check_resolution(resolution: int) -> None:
+    """--resolution (training's examples and sampling's images alike) must be a positive multiple of the VAE's factor."""
+    if resolution <= 0 or resolution % VAE_FACTOR:
+        raise UserError(f"--resolution {resolution} must be a positive multiple of {VAE_FACTOR} (the VAE downsamples by 8)")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The settings that decide how an image becomes a training example."""
@@ -348,8 +358,7 @@ class DataConfig:
     bucket_reso_steps: int = 64
 
     def __post_init__(self):
-        if self.resolution <= 0 or self.resolution % VAE_FACTOR:
-            raise UserError(f"--resolution {self.resolution} must be a positive multiple of {VAE_FACTOR} (the VAE downsamples by 8)")
+        check_resolution(self.resolution)
         if self.enable_bucket:
             if self.bucket_reso_steps <= 0 or self.bucket_reso_steps % VAE_FACTOR:
                 raise UserError(f"--bucket_reso_steps {self.bucket_reso_steps} must be a positive multiple of {VAE_FACTOR}")

@@ -29,19 +29,16 @@ WRITES = ("tiny-sdxl", "tiny-dinov2", "lora", "demo_grid.png", "memorization")
 
 
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_output_folder_arguments
+    from sdxl_ambient.config import add_max_train_steps_argument, add_output_folder_arguments
 
     add_output_folder_arguments(parser, default="demo_output", help="where the model, LoRA and grid go")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="override the demo's step count")
+    add_max_train_steps_argument(parser, help="override the demo's step count")
 
 
 def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Path, resolution: int, seed: int = 0) -> Path:
     """Sample each prompt with the base pipeline and with the LoRA loaded, same noise; base row above."""
-    from safetensors.torch import load_file
-
     from sdxl_ambient.images import image_grid
-    from sdxl_ambient.models import lora_file
-    from sdxl_ambient.pipelines import load_pipeline
+    from sdxl_ambient.pipelines import load_lora, load_pipeline
 
     pipe = load_pipeline(str(pipeline_dir), device="cpu", dtype="float32")
 
@@ -50,7 +47,7 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
         return [pipe(p, num_inference_steps=10, height=resolution, width=resolution, generator=g).images[0] for p in prompts]
 
     base = row()
-    pipe.load_lora_weights(load_file(str(lora_file(lora_dir))), use_safetensors=True)
+    load_lora(pipe, str(lora_dir))
     tuned = row()
     grid = image_grid(base + tuned, cols=len(prompts))
     grid.save(out)
@@ -71,6 +68,7 @@ def run_demo(out: Path, max_train_steps: int | None) -> int:
 
     from sdxl_ambient.errors import UserError
     from sdxl_ambient.evaluation.memorization import evaluate_models, read_training_set
+    from sdxl_ambient.files import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
     from sdxl_ambient.tiny import save_tiny_dinov2, save_tiny_pipeline
     from sdxl_ambient.train import main as train_main
 
@@ -96,8 +94,8 @@ def run_demo(out: Path, max_train_steps: int | None) -> int:
         truncation={"ambient": config["ambient_timestep"]}, num_images=8, num_attack_images=4, attack_steps=5,
         resolution=config["resolution"], device="cpu", sample_kwargs={"num_inference_steps": 10})
     print(f"demo finished in {time.time() - start:.0f} s")
-    print(f"  LoRA (diffusers format): {lora_dir / 'pytorch_lora_weights.safetensors'}")
-    print(f"  LoRA (kohya/ComfyUI):    {lora_dir / 'pytorch_lora_weights_kohya.safetensors'}")
+    print(f"  LoRA (diffusers format): {lora_dir / LORA_WEIGHT_NAME}")
+    print(f"  LoRA (kohya/ComfyUI):    {lora_dir / KOHYA_WEIGHT_NAME}")
     print(f"  base vs LoRA samples:    {grid}")
     print(f"  memorisation report:     {report['markdown']}")
     return 0

@@ -10,8 +10,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 LORA_FILES = (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
 
-# The sub-folders of an SDXL diffusers pipeline.
-SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# The sub-folders of an SDXL diffusers pipeline (those that hold weights first), and a diffusers model's weights file.
+SDXL_WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+SDXL_PARTS = (*SDXL_WEIGHT_PARTS, "tokenizer", "tokenizer_2", "scheduler")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 MODEL_INDEX = "model_index.json"
 
 # A training run's output folder.

@@ -16,6 +16,7 @@ from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import METADATA_FILES
 from sdxl_ambient.images import image_grid
 from sdxl_ambient.models import lora_file
+from sdxl_ambient.objectives import check_ambient_timestep
 from sdxl_ambient.outputs import OutputFolder
 from sdxl_ambient.pipelines import load_pipeline, trained_timestep
 from sdxl_ambient.sampling import generate_images
@@ -76,12 +77,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from sdxl_ambient.config import input_paths
+    from sdxl_ambient.config import check_sampling_flags, model_paths
 
+    check_sampling_flags(args)
+    if args.ambient_timestep is not None:
+        check_ambient_timestep(args.ambient_timestep)
     prompts = read_prompts(args.prompt, args.prompts_file)
     out = Path(args.output_dir)
     folder = output_folder(out, len(prompts) * args.num_images_per_prompt)
-    inputs = [*input_paths(args), ("--lora_path", args.lora_path), ("--prompts_file", args.prompts_file)]
+    inputs = [*model_paths(args), ("--lora_path", args.lora_path), ("--prompts_file", args.prompts_file)]
     with folder.checked_and_locked(inputs, args.overwrite_output_dir):  # before anything is loaded
         t_n = args.ambient_timestep
         if t_n is None:  # the model's own training level, as its training_settings.json records it

@@ -76,9 +76,8 @@ def _holds_secret(value, secrets: list[str]) -> bool:
     return any(secret in text for secret in secrets)
 
 
-def public_settings(args) -> dict:
+def public_settings(items: dict) -> dict:
     """The settings without any ``*token*`` or noise-seed key and without any value holding a Hub token."""
-    items = vars(args) if not isinstance(args, dict) else args
     secrets = _known_secrets(items.get("hub_token"))
     out = {}
     for key, value in sorted(items.items()):

@@ -14,12 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import (
+    DIFFUSERS_WEIGHTS,
     EMA_DIR,
     EMA_STATE,
     KOHYA_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     MODEL_INDEX,
     SDXL_PARTS,
+    SDXL_WEIGHT_PARTS,
     public_name,
 )
 from sdxl_ambient.lora_formats import diffusers_to_kohya, text_encoder_module_path
@@ -94,9 +96,6 @@ def _read_model_index(name: str, revision: str | None, flag: str = "--pretrained
     return index
 
 
-WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the sub-folders that hold weights
-
-
 def check_pipeline_files(name: str, revision: str | None = None, variant: str | None = None,
                          flag: str = "--pretrained_model_name_or_path") -> None:
     """An SDXL pipeline, checked without loading it: its model_index.json, its sub-folders and, for a
@@ -107,7 +106,7 @@ def check_pipeline_files(name: str, revision: str | None = None, variant: str | 
     if not local.is_dir():
         return
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    for part in WEIGHT_PARTS:
+    for part in SDXL_WEIGHT_PARTS:
         if not any(p.name.endswith((suffix, suffix + ".index.json")) for p in (local / part).iterdir()):
             what = f"{variant} safetensors weights" if variant else "safetensors weights"
             raise UserError(f"{flag} {name}: {part}/ holds no {what} (*{suffix}); "
@@ -495,7 +494,7 @@ def save_ema(directory, ema_unet, unet) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     names = _ema_names(ema_unet, unet)
     tensors = {n: p.detach().contiguous() for n, p in zip(names, ema_unet.shadow_params)}
-    save_file(tensors, str(directory / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(directory / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
     if not names[0].startswith("shadow_params."):
         unet.save_config(directory)
     counters = {k: v for k, v in ema_unet.state_dict().items() if k != "shadow_params"}
@@ -504,7 +503,7 @@ def save_ema(directory, ema_unet, unet) -> None:
 
 def load_ema(directory, ema_unet, unet) -> None:
     directory = Path(directory)
-    tensors = load_file(str(directory / "diffusion_pytorch_model.safetensors"))
+    tensors = load_file(str(directory / DIFFUSERS_WEIGHTS))
     names = _ema_names(ema_unet, unet)
     if set(names) != set(tensors):
         raise UserError(f"{directory}: EMA tensors do not match this run's EMA ({len(tensors)} saved, {len(names)} now)")
@@ -529,7 +528,7 @@ def _save_whole(model, directory: Path) -> None:
 
 def _load_whole(model, directory: Path) -> None:
     if hasattr(model, "save_config"):  # diffusers: the file holds the state dict as is
-        model.load_state_dict(load_file(str(directory / "diffusion_pytorch_model.safetensors")))
+        model.load_state_dict(load_file(str(directory / DIFFUSERS_WEIGHTS)))
     else:  # transformers may rename keys on save; let it read its own folder
         model.load_state_dict(type(model).from_pretrained(directory, use_safetensors=True).state_dict())
 

@@ -32,10 +32,11 @@ DEFAULT_WEIGHT_CAP = 64.0
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_ambient_timestep(ambient_timestep: int, num_train_timesteps: int = 1000) -> None:
-    """t_n must be a timestep of the schedule: 0 (clean) <= t_n < T."""
+def check_ambient_timestep(ambient_timestep: int, num_train_timesteps: int = 1000, where: str = "--ambient_timestep") -> None:
+    """t_n must be a timestep of the schedule: 0 (clean) <= t_n < T. The one check of this rule, for the
+    flag, a data source's level and an image's own (``where`` names which)."""
     if not 0 <= ambient_timestep < num_train_timesteps:
-        raise UserError(f"--ambient_timestep {ambient_timestep} must be in [0, {num_train_timesteps}) "
+        raise UserError(f"{where} {ambient_timestep} must be in [0, {num_train_timesteps}) "
                         "(0 = clean data, else the scheduler timestep of the data's noise level)")
 
 

@@ -39,7 +39,6 @@ def load_pipeline(pretrained_model_name_or_path: str, *, lora_path: str | None =
     ``lora_scale`` and an optional scheduler class (any diffusers scheduler, made from the model's
     scheduler config)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-    from safetensors.torch import load_file
 
     check_pipeline_files(pretrained_model_name_or_path, revision, variant)  # as training checks it, before loading
     dev = resolve_device(device)
@@ -52,13 +51,20 @@ def load_pipeline(pretrained_model_name_or_path: str, *, lora_path: str | None =
     except (OSError, ValueError) as err:
         raise UserError(f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r}: {err}") from None
     if lora_path:
-        pipe.load_lora_weights(load_file(str(lora_file(lora_path))), use_safetensors=True)
+        load_lora(pipe, lora_path)
         pipe.fuse_lora(lora_scale=lora_scale)
         pipe.unload_lora_weights()
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
+
+
+def load_lora(pipe, lora_path: str) -> None:
+    """Load a LoRA (a folder or .safetensors file, :func:`models.lora_file`) into ``pipe``, unfused."""
+    from safetensors.torch import load_file
+
+    pipe.load_lora_weights(load_file(str(lora_file(lora_path))), use_safetensors=True)
 
 
 def make_scheduler(name: str, config):

@@ -34,12 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
+from sdxl_ambient.errors import UserError
 from sdxl_ambient.images import center_crop_resize, open_image
 from sdxl_ambient.objectives import Denoiser, add_noise, model_output_from_x0, x0_from_model_output
 
 # Training timesteps above t_n at which truncated sampling takes its final Tweedie jump
 # (measured in docs/image_results.md, "Jump margin").
 DEFAULT_JUMP_MARGIN = 25
+DEFAULT_GUIDANCE_SCALE = 5.0  # diffusers' SDXL default
 
 
 def abar_at_timestep(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -77,13 +79,11 @@ def truncated_timesteps(scheduler, num_inference_steps: int, stop_timestep: int,
     last, and the Tweedie jump to x0 is taken from the last."""
     if stop_timestep <= 0:
         raise ValueError(f"truncated sampling needs stop_timestep > 0 (the training noise level t_n), got {stop_timestep}")
-    if jump_margin < 0:
-        raise ValueError(f"jump_margin must be >= 0, got {jump_margin}")
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     keep = int((timesteps >= stop_timestep + jump_margin).sum())
     if keep == 0:
-        raise ValueError(
+        raise UserError(
             f"no inference timestep is >= t_n + jump_margin = {stop_timestep + jump_margin} "
             f"(the first is {float(timesteps[0]):g}); lower --jump_margin or --ambient_timestep"
         )
@@ -230,7 +230,7 @@ def truncated_denoise(pipe, cond: Conditioning, latents: torch.Tensor, timesteps
 
 @torch.no_grad()
 def sample(pipe, prompts: Sequence[str], *, ambient_timestep: int = 0, jump_margin: int = DEFAULT_JUMP_MARGIN,
-           num_inference_steps: int = 30, guidance_scale: float = 5.0, generator=None, height: int | None = None,
+           num_inference_steps: int = 30, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, generator=None, height: int | None = None,
            width: int | None = None, negative_prompt=None, num_images_per_prompt: int = 1) -> list:
     """PIL images for ``prompts``.
 

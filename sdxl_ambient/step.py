@@ -62,7 +62,7 @@ class StepDraws:
 
     ``timesteps`` t ~ U{t_n..T-1} and ``noise`` renoise the observation to x_t. With the consistency
     term: ``consistency_timesteps`` t_c and ``consistency_noise`` give x_tc, ``delta`` the chains'
-    lengths and ``chain_noise`` one (2B, ...) draw per chain step. Given the draws, the losses are a
+    lengths and ``chain_noise`` one (2k, ...) draw per chain step (k: ``consistency_size``). Given the draws, the losses are a
     deterministic function of the batch and the weights: no generator inside, so the part that runs
     the model can be compiled whole and replayed (CUDA graphs)."""
 
@@ -86,8 +86,8 @@ class AmbientObjective:
     The consistency term draws its own t_c ~ U{t_n, ..., t_n + max_delta - 1} (x_tc renoised from
     the same observation), so its chains of length delta <= max_delta reach below t_n, where the
     model has no data; the anchor h(x_tc, t_c) and the chains carry no gradient, the two final
-    predictions (one batched call of 2B samples) do. Clean samples (t_n = 0) get no term (weight 0), so a
-    clean example's loss is exactly the plain epsilon loss. ``consistency_max_delta`` None is each
+    predictions (one batched call of 2k samples, k: ``consistency_size``) do. Clean
+    samples (t_n = 0) get no term (weight 0), so a clean example's loss is exactly the plain epsilon loss. ``consistency_max_delta`` None is each
     sample's own t_n (a batch may mix noise levels). ``consistency_fraction`` (the term on part of
     the batch; given the step, on some steps where f B is not a whole number) and
     ``consistency_one_sided`` (one chain's backward pass) make it cheaper. What each
@@ -225,8 +225,10 @@ class AmbientObjective:
         return term if k == b else torch.cat([term, term.new_zeros(b - k)])
 
 
-# From this t_n up, every consistency form measured on real digits made samples worse than no term.
+# From this t_n up the trainer warns that the consistency term is on (why: docs/image_results.md, Part 3).
 HARMFUL_CONSISTENCY_LEVEL = 500
+# --consistency_fraction's default (the measurements behind it: docs/image_results.md, Part 3).
+DEFAULT_CONSISTENCY_FRACTION = 0.25
 
 
 def _levels(levels: int | Iterable[int]) -> list[int]:
@@ -244,7 +246,7 @@ class ObjectiveSettings:
     consistency_steps: int = 1
     consistency_max_delta: int | None = None  # None: t_n (each example's own when levels differ)
     consistency_start_step: int = 0
-    consistency_fraction: float = 0.25  # kept its measured benefit at 1.58x an ambient step (docs/image_results.md)
+    consistency_fraction: float = DEFAULT_CONSISTENCY_FRACTION
     consistency_one_sided: bool = False
 
     def __post_init__(self):
@@ -264,8 +266,8 @@ class ObjectiveSettings:
             raise UserError(f"--consistency_fraction {self.consistency_fraction} must be in (0, 1]")
 
     def harmful_levels(self, levels: int | Iterable[int]) -> list[int]:
-        """The noise levels at which every consistency form measured made samples worse (t_n >= 500 on
-        real digits, docs/image_results.md Part 3): the trainer warns when the term is on there."""
+        """The noise levels from HARMFUL_CONSISTENCY_LEVEL up, where the trainer warns when the consistency
+        term is on (why: docs/image_results.md, Part 3)."""
         return [level for level in _levels(levels) if level >= HARMFUL_CONSISTENCY_LEVEL] if self.consistency_weight > 0 else []
 
     def check_timestep(self, levels: int | Iterable[int], num_train_timesteps: int = 1000) -> None:
@@ -274,8 +276,8 @@ class ObjectiveSettings:
         for level in levels:
             check_ambient_timestep(level, num_train_timesteps)
         if self.consistency_weight > 0 and not any(levels):
-            raise UserError("--consistency_weight > 0 needs data with noise (--ambient_timestep > 0, or noisy data "
-                            "sources): consistency teaches the timesteps below t_n")
+            raise UserError("--consistency_weight > 0 needs data with noise (--ambient_timestep > 0, an ambient_timestep "
+                            "column in metadata.jsonl, or noisy data sources): consistency teaches the timesteps below t_n")
 
     def max_delta(self, levels: int | Iterable[int]) -> int | None:
         """The consistency chains' largest t - s: as given, else t_n; None (each example's own t_n) when

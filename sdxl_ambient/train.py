@@ -9,12 +9,14 @@ function of the run. The objective of one step is ``step.AmbientObjective``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from sdxl_ambient.files import (
     VALIDATION_DIR,
 )
 from sdxl_ambient.outputs import OutputFolder, check_apart
-from sdxl_ambient.step import AmbientObjective, conditioned_unet
+from sdxl_ambient.step import HARMFUL_CONSISTENCY_LEVEL, AmbientObjective, conditioned_unet
 from sdxl_ambient.text import text_embeddings
 
 logger = logging.getLogger("sdxl_ambient")
@@ -129,14 +131,11 @@ def make_accelerator(flags):
 def resolve_seed(flags, resume_path, accelerator) -> int:
     """The run's seed: the flag, the resumed run's, or a fresh random one drawn on the main process
     and shared, so every rank agrees."""
-    from accelerate.utils import broadcast_object_list
-
     if flags.seed is not None:
         return flags.seed
     if resume_path is not None:
         return checkpointing.read_state(resume_path)["seed"]
-    seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    return broadcast_object_list([seed])[0] if accelerator.num_processes > 1 else seed
+    return shared(accelerator, int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
 
 
 def place_frozen(flags, components, device, weight_dtype) -> None:
@@ -190,7 +189,7 @@ def setup_trainable(flags, components, device, weight_dtype):
             unet.enable_xformers_memory_efficient_attention()
         except Exception as exc:  # xformers missing or unusable on this device
             raise UserError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({exc})") from None
-    return trained, [p for m in trained for p in m.parameters() if p.requires_grad]
+    return trained, trainable_params(trained)
 
 
 def compile_blocks(flags, unet, latent_shapes, objective, validating: bool) -> None:
@@ -208,12 +207,15 @@ def compile_blocks(flags, unet, latent_shapes, objective, validating: bool) -> N
                 count, len(shapes))
 
 
+def trainable_params(models) -> list:
+    """The parameters of ``models`` that train, in order."""
+    return [p for m in models for p in m.parameters() if p.requires_grad]
+
+
 def param_groups(trained: list, learning_rate: float, text_encoder_lr: float) -> list[dict]:
     """The optimizer's parameter groups: the UNet's trainable parameters, then the text encoders' (if they train)."""
-    def trainable(models):
-        return [p for m in models for p in m.parameters() if p.requires_grad]
-
-    return [{"params": trainable(trained[:1]), "lr": learning_rate}, {"params": trainable(trained[1:]), "lr": text_encoder_lr}]
+    return [{"params": trainable_params(trained[:1]), "lr": learning_rate},
+            {"params": trainable_params(trained[1:]), "lr": text_encoder_lr}]
 
 
 class NonFiniteGuard:
@@ -288,9 +290,11 @@ class LossMeter:
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resolved:
-    """Values computed once at start-up from the flags and what they point to; saved as such."""
+    """Values computed once at start-up from the flags and what they point to; saved as such. The
+    data sources' counts and the held-out examples are known once the cache is loaded
+    (:meth:`with_loaded_data`)."""
 
     seed: int
     ambient_timestep: int  # the lowest t_n with data (the one t_n when all examples share it)
@@ -299,6 +303,9 @@ class Resolved:
     text_encoder_lr: float | None = None  # when the text encoders train
     data_sources: list = field(default_factory=list)  # per source: name, examples, repeats, t_n
     held_out: int = 0  # examples held out for the validation loss
+
+    def with_loaded_data(self, data_sources: list, held_out: int) -> Resolved:
+        return replace(self, data_sources=data_sources, held_out=held_out)
 
     def as_dict(self) -> dict:
         out = {"seed": self.seed, "ambient_timestep": self.ambient_timestep, "learning_rate": self.learning_rate}
@@ -391,12 +398,12 @@ class Run:
         return tuple(self.trained[1:]) if self.flags.train_text_encoder else None
 
 
-def on_main_process(accelerator, check):
-    """``check()`` on the main process; a :class:`UserError` there is raised on every process."""
+def on_main_process(accelerator, check, *args):
+    """``check(*args)`` on the main process; a :class:`UserError` there is raised on every process."""
     error, value = None, None
     if accelerator.is_main_process:
         try:
-            value = check()
+            value = check(*args)
         except UserError as exc:
             error = str(exc)
     if accelerator.num_processes > 1:
@@ -408,10 +415,11 @@ def on_main_process(accelerator, check):
     return value
 
 
-def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
+def check_inputs(cfg: TrainConfig, output: OutputFolder, resume_path, held: contextlib.ExitStack):
     """Everything that needs no model, before any loads (main process): the output and cache folders
     (locked for the run's life, in ``held``; a complete cache is only read and not locked), the model
-    folder's files, the checkpoint's files, every image and caption. Nothing is written but the locks.
+    folder's files, the checkpoint's files, every image and caption, and the objective for the data's
+    levels (the consistency term needs a noisy example). Nothing is written but the locks.
     Returns the checked images of the image sources (None when every source is a noisy-latent
     dataset, used as is) and the planned data (:class:`cache.PlannedData`)."""
     from sdxl_ambient import cache as caches
@@ -420,7 +428,7 @@ def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
 
     flags, sources = cfg.flags, list(cfg.sources)
     own_cache = bool(caches.image_sources(sources))
-    output, cache = output_folder(flags, cfg.cache.cache_dir), caches.cache_folder(cfg.cache.cache_dir)
+    cache = caches.cache_folder(cfg.cache.cache_dir)
     check_apart("--output_dir", flags.output_dir, input_paths(flags))
     if own_cache:
         check_cache_place(flags, cfg.cache.cache_dir)
@@ -436,7 +444,9 @@ def check_inputs(cfg: TrainConfig, resume_path, held: contextlib.ExitStack):
     images = None
     if own_cache:
         images = load_training_images(caches.image_sources(sources), cfg.data, prefix_keys=len(sources) > 1)
-    return images, caches.plan_data(sources, cfg.data, cfg.cache, images)
+    planned = caches.plan_data(sources, cfg.data, cfg.cache, images)
+    cfg.objective.check_timestep(planned.levels)
+    return images, planned
 
 
 def check_resume_and_hub(cfg: TrainConfig, resolved: Resolved, planned, images, resume_path, accelerator):
@@ -484,10 +494,10 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     flags = cfg.flags
     accelerator = make_accelerator(flags)
     resume_path = checkpointing.resolve_checkpoint(flags.resume_from_checkpoint, flags.output_dir)
-    images, planned = on_main_process(accelerator, lambda: check_inputs(cfg, resume_path, held)) or (None, None)
+    output = output_folder(flags, cfg.cache.cache_dir)
+    images, planned = on_main_process(accelerator, check_inputs, cfg, output, resume_path, held) or (None, None)
     resolved = resolve(cfg, shared(accelerator, planned.levels if planned else None), resume_path, accelerator)
-    hub_repo = on_main_process(accelerator, lambda: check_resume_and_hub(cfg, resolved, planned, images, resume_path,
-                                                                             accelerator))
+    hub_repo = on_main_process(accelerator, check_resume_and_hub, cfg, resolved, planned, images, resume_path, accelerator)
     set_seed(resolved.seed)
     if flags.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -508,7 +518,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
         chosen = heldout.choose(cache.examples(), cfg.held_out.split)
         held_out = heldout.HeldOutLoss([(cache.parts[n].cache, i) for n, i in sorted(chosen)], flags.train_batch_size)
         cache = cache.without(chosen)
-    resolved.data_sources, resolved.held_out = cache.summary(), len(held_out) if held_out is not None else 0
+    resolved = resolved.with_loaded_data(cache.summary(), len(held_out) if held_out is not None else 0)
     objective = cfg.objective.build(levels, components.noise_scheduler, accelerator.device)
     val_prompts = validation.encode_prompts(components, cfg.validation) if cfg.validation else None
     empty_prompt = encode_empty_prompt(components, accelerator.device) if flags.proportion_empty_prompts > 0 else None
@@ -556,7 +566,7 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
                loader=loader, trained=trained, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
                objective=objective, generator=generator, guard=guard, weight_dtype=weight_dtype,
                steps_per_epoch=steps_per_epoch, max_steps=max_steps, resume_path=resume_path,
-               output=output_folder(flags, cfg.cache.cache_dir),
+               output=output,
                fingerprint=run_fingerprint(cfg, resolved, shared(accelerator, latent_data), accelerator),
                val_prompts=val_prompts, empty_prompt=empty_prompt, held_out=held_out, hub_repo=hub_repo)
 
@@ -611,21 +621,21 @@ def prompt_conditioning(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tens
     """The batch's text embeddings (cached, or from the training text encoders); with
     --proportion_empty_prompts p each sample's caption is the empty prompt with probability p, drawn
     per sample at every step from the run's generator."""
-    drop = None
+    keys = ("prompt_embeds", "pooled_prompt_embeds") if run.text_models is None else ("input_ids_one", "input_ids_two")
+    first, second = (batch[key] for key in keys)
     if run.empty_prompt is not None:
         n = batch["input_ids_one"].shape[0]
         drop = torch.rand(n, generator=run.generator, device=run.generator.device) < run.flags.proportion_empty_prompts
         drop = drop.to(run.accelerator.device)
-
-    def chosen(key):
-        value = batch[key]
-        if drop is None:
-            return value
-        return torch.where(drop.view(-1, *[1] * (value.ndim - 1)), run.empty_prompt[key].to(value.dtype), value)
-
+        first, second = (with_empty_prompt(batch[key], drop, run.empty_prompt[key]) for key in keys)
     if run.text_models is None:
-        return chosen("prompt_embeds"), chosen("pooled_prompt_embeds")
-    return text_embeddings(*run.text_models, chosen("input_ids_one"), chosen("input_ids_two"))
+        return first, second
+    return text_embeddings(*run.text_models, first, second)
+
+
+def with_empty_prompt(value: torch.Tensor, drop: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """``value`` (ids or embeddings of a batch) with the empty prompt's in the samples where ``drop`` is set."""
+    return torch.where(drop.view(-1, *[1] * (value.ndim - 1)), empty.to(value.dtype), value)
 
 
 def forward_backward(run: Run, batch: dict, step: int) -> torch.Tensor:
@@ -660,6 +670,58 @@ def optimizer_step(run: Run, micro: torch.Tensor, step: int) -> tuple[torch.Tens
     return micro / flags.gradient_accumulation_steps, ~bad
 
 
+def micro_batches(run: Run, step: int) -> Iterator[dict]:
+    """The micro-batches from the optimizer step ``step`` on, epoch after epoch (:func:`start_epoch`)."""
+    for epoch in range(step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+        start_epoch(run, epoch, step)
+        yield from run.loader
+
+
+def accumulate(run: Run, batch: dict, step: int, micro: torch.Tensor | None, meter: LossMeter) -> torch.Tensor | None:
+    """Forward and backward on one micro-batch, its loss terms added to ``micro``; once the gradients
+    are accumulated, the optimizer step (its terms to ``meter``). Returns the terms still waiting for
+    an optimizer step: None once it has run."""
+    with run.accelerator.accumulate(*run.trained):
+        terms = forward_backward(run, batch, step)
+        micro = terms if micro is None else micro + terms
+        if run.accelerator.sync_gradients:
+            run.restart_point = None  # the weights change: no consistent state until the step is done
+            meter.add(*optimizer_step(run, micro, step + 1))
+            micro = None
+        run.optimizer.zero_grad(set_to_none=True)
+    return micro
+
+
+def end_step(run: Run, step: int, progress) -> int:
+    """After an optimizer step: the EMA, the restart point of a save after a failure, the progress bar.
+    Returns the step just completed."""
+    if run.ema is not None:
+        run.ema.step(run.params)
+    step += 1
+    run.restart_point = (step, run.generator.get_state())
+    progress.update(1)
+    return step
+
+
+def stop_if_not_finite(run: Run, step: int, at_sync_point: bool) -> None:
+    """At a sync point, the non-finite flags read back: --max_nonfinite_steps in a row save the last
+    good state (the skipped updates changed nothing) and stop the run with an error."""
+    if not (at_sync_point and run.guard.check()):
+        return
+    save(run, step)
+    abandon_uploads(run)
+    raise RuntimeError(f"{run.flags.max_nonfinite_steps} non-finite losses in a row (--max_nonfinite_steps); "
+                       f"the last good state is saved in {run.flags.output_dir}/checkpoint-{step}")
+
+
+def evaluate(run: Run, step: int) -> None:
+    """When due: validation images (main process) and the held-out loss."""
+    if run.val_prompts is not None and step % run.cfg.validation.every_steps == 0 and run.accelerator.is_main_process:
+        validate(run, step)
+    if run.held_out is not None and (step % run.cfg.held_out.every_steps == 0 or step == run.max_steps):
+        validation_loss(run, step)
+
+
 def log_losses(run: Run, meter: LossMeter, step: int, progress) -> None:
     values = meter.mean(run.accelerator)
     if values is None:
@@ -686,19 +748,20 @@ def save(run: Run, step: int) -> None:
 
 
 def install_stop_handler(run: Run) -> None:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save at the next step and stop; a
-    second Ctrl-C aborts at once, without saving."""
-
-    def ask_to_stop(signum, frame):
-        if signum == signal.SIGINT and signal.SIGINT in run.stop_signal:
-            raise KeyboardInterrupt("aborted by a second Ctrl-C, without saving; resume from the last checkpoint "
-                                    "with --resume_from_checkpoint latest")
-        run.stop_signal.append(signum)
-        if signum == signal.SIGINT and run.accelerator.is_local_main_process:
-            os.write(2, b"\nstopping: the run saves a checkpoint after this step (Ctrl-C again to abort without saving)\n")
-
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save at the end of the step under way
+    (several processes: at the next sync point) and stop; a second Ctrl-C aborts at once, without saving."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, ask_to_stop)
+        signal.signal(signum, functools.partial(ask_to_stop, run))
+
+
+def ask_to_stop(run: Run, signum, frame) -> None:
+    """The stop signals' handler: note the signal (read by :func:`stop_requested`); a second Ctrl-C aborts."""
+    if signum == signal.SIGINT and signal.SIGINT in run.stop_signal:
+        raise KeyboardInterrupt("aborted by a second Ctrl-C, without saving; resume from the last checkpoint "
+                                "with --resume_from_checkpoint latest")
+    run.stop_signal.append(signum)
+    if signum == signal.SIGINT and run.accelerator.is_local_main_process:
+        os.write(2, b"\nstopping: the run saves a checkpoint after this step (Ctrl-C again to abort without saving)\n")
 
 
 def stopped(run: Run, step: int) -> int:
@@ -752,8 +815,9 @@ def save_after_failure(run: Run, exc: Exception) -> None:
 
 
 def stop_requested(run: Run, at_sync_point: bool) -> bool:
-    """A stop signal seen here, or (several processes) by any process: decided together at a sync
-    point, so that every process saves the same checkpoint instead of some waiting in a collective."""
+    """A stop signal seen here (one process: read at every optimizer step, a Python bool, no sync), or
+    (several processes) by any process: decided together at a sync point, so that every process saves
+    the same checkpoint instead of some waiting in a collective."""
     if run.accelerator.num_processes == 1:
         return bool(run.stop_signal)
     if not at_sync_point:
@@ -784,15 +848,7 @@ def validation_loss(run: Run, step: int) -> dict:
     """The held-out loss with the current weights (each process its share of the batches, summed),
     logged to the trackers beside the training loss."""
     accelerator = run.accelerator
-    unet, *text_encoders = [accelerator.unwrap_model(m) for m in run.trained]
-
-    def net_for(batch):
-        if run.text_models is None:
-            prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-        else:
-            prompt_embeds, pooled = text_embeddings(*text_encoders, batch["input_ids_one"], batch["input_ids_two"])
-        return conditioned_unet(unet, prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
-
+    net_for = functools.partial(held_out_net, run, [accelerator.unwrap_model(m) for m in run.trained])
     for m in run.trained:
         m.eval()
     with accelerator.autocast():
@@ -806,6 +862,16 @@ def validation_loss(run: Run, step: int) -> dict:
     accelerator.log(logs, step=step)
     logger.info("step %d: %s", step, ", ".join(f"{k} {v:.6g}" for k, v in logs.items()))
     return logs
+
+
+def held_out_net(run: Run, models: list, batch: dict):
+    """The conditioned UNet (``models``: the unwrapped trained models, UNet first) for a held-out batch."""
+    unet, *text_encoders = models
+    if run.text_models is None:
+        prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    else:
+        prompt_embeds, pooled = text_embeddings(*text_encoders, batch["input_ids_one"], batch["input_ids_two"])
+    return conditioned_unet(unet, prompt_embeds, pooled, batch["time_ids"], dtype=run.weight_dtype)
 
 
 def finish(run: Run, step: int) -> None:
@@ -850,9 +916,8 @@ def announce(run: Run, step: int) -> None:
                 run.objective.consistency_weight, run.accelerator.num_processes)
     harmful = run.cfg.objective.harmful_levels(run.cache.levels)
     if harmful:
-        logger.warning("the consistency term is on for data at t_n %s: on real images every form measured at t_n >= 500 "
-                       "made samples worse than no term (docs/image_results.md, Part 3); consider --consistency_weight 0",
-                       harmful)
+        logger.warning("the consistency term is on for data at t_n %s (>= %d), where it made samples worse in "
+                       "docs/image_results.md (Part 3); consider --consistency_weight 0", harmful, HARMFUL_CONSISTENCY_LEVEL)
     for source in run.resolved.data_sources:
         logger.info("data source %s: %d examples, repeats %d, t_n %s", source["name"], source["examples"],
                     source["repeats"], source["ambient_timestep"])
@@ -879,58 +944,34 @@ def loop(run: Run, step: int) -> int:
     """The steps from ``step`` to ``max_steps``, then the final weights; returns train's exit status."""
     from tqdm.auto import tqdm
 
-    flags, accelerator, first = run.flags, run.accelerator, step
+    first = step
     announce(run, step)
-    progress = tqdm(range(run.max_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(range(run.max_steps), initial=step, desc="steps", disable=not run.accelerator.is_local_main_process)
     meter, micro = LossMeter(), None
-    for epoch in range(step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
-        if step >= run.max_steps:  # resumed from the final checkpoint of a partial last epoch
+    for batch in micro_batches(run, step):
+        if step >= run.max_steps:  # done (or resumed from the final checkpoint of a partial last epoch)
             break
-        start_epoch(run, epoch, step)
-        for batch in run.loader:
-            # forward and backward on one micro-batch; the optimizer steps once the gradients are accumulated
-            with accelerator.accumulate(*run.trained):
-                terms = forward_backward(run, batch, step)
-                micro = terms if micro is None else micro + terms
-                if accelerator.sync_gradients:
-                    run.restart_point = None  # the weights change: no consistent state until the step is done
-                    meter.add(*optimizer_step(run, micro, step + 1))
-                    micro = None
-                run.optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            if run.ema is not None:
-                run.ema.step(run.params)
-            step += 1
-            run.restart_point = (step, run.generator.get_state())
-            progress.update(1)
+        # forward and backward on one micro-batch; the optimizer steps once the gradients are accumulated
+        micro = accumulate(run, batch, step, micro, meter)
+        if not run.accelerator.sync_gradients:
+            continue
+        step = end_step(run, step, progress)
 
-            # read back from the device only at sync points: the non-finite flags, the losses, a stop request
-            log_now = step % flags.logging_steps == 0 or step == run.max_steps
-            sync_point = run.guard.due() or log_now
-            if sync_point and run.guard.check():
-                save(run, step)  # the skipped updates changed nothing: this is the last good state
-                abandon_uploads(run)
-                raise RuntimeError(f"{flags.max_nonfinite_steps} non-finite losses in a row (--max_nonfinite_steps); "
-                                   f"the last good state is saved in {flags.output_dir}/checkpoint-{step}")
-            if log_now:
-                log_losses(run, meter, step, progress)
+        # read back from the device only at sync points: the non-finite flags, the losses, a stop request
+        log_now = step % run.flags.logging_steps == 0 or step == run.max_steps
+        sync_point = run.guard.due() or log_now
+        stop_if_not_finite(run, step, sync_point)
+        if log_now:
+            log_losses(run, meter, step, progress)
 
-            # checkpoints, a stop, validation images
-            stopping = stop_requested(run, sync_point)
-            if step % flags.checkpointing_steps == 0 or stopping:
-                save(run, step)
-            if stopping:
-                logger.info("ran steps %d-%d of %d", first + 1, step, run.max_steps)
-                return stopped(run, step)
-            if run.val_prompts is not None and step % run.cfg.validation.every_steps == 0 and accelerator.is_main_process:
-                validate(run, step)
-            if run.held_out is not None and (step % run.cfg.held_out.every_steps == 0 or step == run.max_steps):
-                validation_loss(run, step)
-            if step >= run.max_steps:
-                break
-        if step >= run.max_steps:
-            break
+        # checkpoints, a stop, validation images and loss
+        stopping = stop_requested(run, sync_point)
+        if step % run.flags.checkpointing_steps == 0 or stopping:
+            save(run, step)
+        if stopping:
+            logger.info("ran steps %d-%d of %d", first + 1, step, run.max_steps)
+            return stopped(run, step)
+        evaluate(run, step)
     logger.info("ran steps %d-%d of %d", first + 1, step, run.max_steps)
     finish(run, step)
     return 0

@@ -16,7 +16,6 @@ from sdxl_ambient.files import SAMPLES_DIR, VALIDATION_DIR
 from sdxl_ambient.images import image_grid
 
 logger = logging.getLogger(__name__)
-GUIDANCE_SCALE = 5.0  # diffusers' SDXL default
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,15 @@ def encode_prompts(components, settings: ValidationSettings) -> dict:
 def sample_images(components, settings: ValidationSettings, prompts: dict, accelerator, weight_dtype, seed: int,
                   ambient_timestep: int = 0):
     """``settings.num_images`` images of the validation prompt with the UNet being trained: for data
-    at t_n > 0 truncated, with the Tweedie jump from t_n + DEFAULT_JUMP_MARGIN (the sampler that won
-    on real images, docs/image_results.md), else the pipeline's full sampling."""
-    from sdxl_ambient.sampling import DEFAULT_JUMP_MARGIN, can_truncate, embedded_conditioning, sample_truncated
+    at t_n > 0 truncated, with the Tweedie jump from t_n + DEFAULT_JUMP_MARGIN (as ``generate`` samples
+    an ambient model; why: docs/image_results.md), else the pipeline's full sampling."""
+    from sdxl_ambient.sampling import (
+        DEFAULT_GUIDANCE_SCALE,
+        DEFAULT_JUMP_MARGIN,
+        can_truncate,
+        embedded_conditioning,
+        sample_truncated,
+    )
 
     unet_module = accelerator.unwrap_model(components.unet)
     was_training = unet_module.training
@@ -79,12 +84,12 @@ def sample_images(components, settings: ValidationSettings, prompts: dict, accel
             if ambient_timestep > 0:
                 cond = embedded_conditioning(pipe, embeds["prompt_embeds"], embeds["pooled_prompt_embeds"],
                                              embeds["negative_prompt_embeds"], embeds["negative_pooled_prompt_embeds"],
-                                             guidance_scale=GUIDANCE_SCALE, **size)
+                                             guidance_scale=DEFAULT_GUIDANCE_SCALE, **size)
                 images += sample_truncated(pipe, cond, ambient_timestep=ambient_timestep,
                                            num_inference_steps=settings.inference_steps, generator=generator, **size)
             else:
                 images += pipe(**embeds, num_inference_steps=settings.inference_steps, generator=generator,
-                               guidance_scale=GUIDANCE_SCALE, **size).images
+                               guidance_scale=DEFAULT_GUIDANCE_SCALE, **size).images
     if was_training:
         unet_module.train()
     return images

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import assert_one_line_error
 from sdxl_ambient import cache as cache_mod
 from sdxl_ambient.cache import BucketBatchSampler, CacheSettings, LatentCache, build_cache, prepare_cache
 from sdxl_ambient.data import DataConfig, DataSource, load_training_images, prepare_example
@@ -321,6 +322,21 @@ def test_corrupt_command_writes_a_dataset_prepare_cache_adopts(noise_folder, tmp
         prepare_cache(source, data_config(), CacheSettings(unused), other)
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--batch_size", "0"], "--batch_size 0 must be >= 1"),
+    (["--shard_size", "0"], "--shard_size 0 must be >= 1"),
+    (["--ambient_timestep", "1000"], "--ambient_timestep 1000 must be in [0, 1000)"),
+])
+def test_corrupt_refuses_bad_flags_in_one_line_before_loading(noise_folder, tmp_path, tiny_pipeline_dir, capsys,
+                                                                monkeypatch, extra, fragment):
+    from sdxl_ambient import models
+
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("a model was loaded before the flags were checked"))
+    out = tmp_path / "shared"
+    assert_one_line_error(capsys, corrupt(tiny_pipeline_dir, noise_folder, out, *extra), fragment)
+    assert not out.exists()
+
+
 def test_corrupt_keeps_its_default_noise_seed_secret(noise_folder, tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
     """Whoever knows the seed can subtract the noise: the default seed is fresh and written nowhere."""
     import secrets
@@ -483,7 +499,7 @@ def test_each_cached_example_has_its_own_level(noise_folder, tmp_path, component
 
 def test_a_level_off_the_schedule_names_the_image(noise_folder, tmp_path, components):
     set_levels(noise_folder, [0, 100, 1000, 0, 0, 0, 0])
-    with pytest.raises(ValueError, match=r"img2\.png: ambient_timestep 1000 must be in \[0, 1000\)"):
+    with pytest.raises(ValueError, match=r"metadata\.jsonl, row 3: ambient_timestep 1000 must be in \[0, 1000\)"):
         build(noise_folder, components, tmp_path / "c")
 
 

@@ -196,7 +196,7 @@ def test_data_sources_inline_in_yaml_or_in_a_file(tmp_path):
     ([{"train_data_dir": "a", "repeats": 0}], "source 1: repeats 0 of a must be >= 1"),
     ([{"ambient_timestep": 5}], "source 1: give --dataset_name or --train_data_dir"),
     ([{"train_data_dir": "a"}, {"train_data_dir": "x/a"}], "both named 'a'"),
-    ([{"train_data_dir": "a", "ambient_timestep": 1000}], "--ambient_timestep 1000"),
+    ([{"train_data_dir": "a", "ambient_timestep": 1000}], "source 1: a: ambient_timestep 1000 must be in [0, 1000)"),
 ])
 def test_bad_data_sources_name_the_source_before_any_model_loads(tmp_path, capsys, no_models, entries, fragment):
     from sdxl_ambient.train import cli

@@ -274,16 +274,16 @@ def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("value, ok", [(0, 0), (250, 250), ("300", 300), (None, None), ("", None),
-                                       (-1, None), (1.5, None), (True, None), ("high", None)])
+                                       (-1, None), ("-1", None), (1000, None), (1.5, None), (True, None), ("high", None)])
 def test_the_ambient_timestep_column_gives_each_image_its_level(image_folder, value, ok):
-    """metadata.jsonl's ambient_timestep: a whole number >= 0 per image (empty: the run's); anything else names
-    the file and row."""
+    """metadata.jsonl's ambient_timestep: a whole number in [0, 1000) per image (empty: the run's); anything
+    else names the file and row, read before any model loads."""
     rows = [json.loads(line) for line in (image_folder / "metadata.jsonl").read_text().splitlines()]
     rows[1]["ambient_timestep"] = value
     (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     bad = value not in (None, "") and ok is None
     if bad:
-        with pytest.raises(ValueError, match=r"metadata\.jsonl, row 2: ambient_timestep .* whole number >= 0"):
+        with pytest.raises(ValueError, match=r"metadata\.jsonl, row 2: ambient_timestep .*(whole number|must be in \[0, 1000\))"):
             load(image_folder)
         return
     images = load(image_folder, ambient_timestep=7)  # the source's level fills the images without their own

@@ -13,7 +13,7 @@ from helpers.diffusion import reference_ddim
 from sdxl_ambient.cli import main
 from sdxl_ambient.data import read_metadata
 from sdxl_ambient.evaluation import memorization as mem
-from sdxl_ambient.evaluation import quality
+from sdxl_ambient.evaluation import quality, similarity
 from sdxl_ambient.evaluation.features import ClipImageEmbedder, DinoV2Embedder
 from sdxl_ambient.evaluation.quality import EmbedderFeatures, fid_kid
 from sdxl_ambient.images import load_images
@@ -65,7 +65,7 @@ def test_embeddings_are_unit_cls_vectors_and_pil_and_tensor_paths_agree(dino, im
 def test_each_image_is_its_own_top_match_with_similarity_one(dino, image_folder):
     _, images = training_images(image_folder)
     emb = dino(images)
-    values, indices = mem.top1_similarity(emb, emb)
+    values, indices = similarity.top1_similarity(emb, emb)
     torch.testing.assert_close(values, torch.ones(8), atol=1e-5, rtol=0)
     assert indices.tolist() == list(range(8))
 
@@ -75,19 +75,19 @@ def test_a_copied_training_image_is_flagged(dino, image_folder):
     train = dino(images)
     copy = images[3].resize((64, 64))  # a generated image that copies training image 3 at the model's resolution
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    values, indices = mem.top1_similarity(dino([copy, noise]), train)
+    values, indices = similarity.top1_similarity(dino([copy, noise]), train)
     assert indices[0] == 3 and values[0] > 0.99
-    stats = mem.similarity_stats(values)
+    stats = similarity.similarity_stats(values)
     assert stats["frac_above_0.99"] == 0.5 and values[1] < values[0]
 
 
 def test_similarity_stats_figures():
-    stats = mem.similarity_stats(torch.tensor([0.5, 0.91, 0.96, 0.995]))
+    stats = similarity.similarity_stats(torch.tensor([0.5, 0.91, 0.96, 0.995]))
     assert stats["count"] == 4 and math.isclose(stats["mean"], 0.84125, rel_tol=1e-6)
     assert (stats["frac_above_0.9"], stats["frac_above_0.95"], stats["frac_above_0.99"]) == (0.75, 0.5, 0.25)
     assert math.isclose(stats["p50"], 0.935, rel_tol=1e-6) and math.isclose(stats["max"], 0.995, rel_tol=1e-6)
     with pytest.raises(ValueError):
-        mem.similarity_stats([])
+        similarity.similarity_stats([])
 
 
 def test_model_specs_and_training_set_errors(tmp_path):
@@ -107,8 +107,8 @@ def test_model_specs_and_training_set_errors(tmp_path):
 
 def fake_results(images, top1, match):
     gen = {"captions": ["c"] * len(images), "images": images,
-           "by_embedder": {"dinov2": {"top1": top1, "match_index": match, "stats": mem.similarity_stats(top1)}}}
-    sim = {"similarity": top1[:2], "stats": mem.similarity_stats(top1[:2])}
+           "by_embedder": {"dinov2": {"top1": top1, "match_index": match, "stats": similarity.similarity_stats(top1)}}}
+    sim = {"similarity": top1[:2], "stats": similarity.similarity_stats(top1[:2])}
     attack = {"originals": images[:2], "one_step": images[:2], "full": images[:2],
               "scores": {"one_step": {"dinov2": sim}, "full": {"dinov2": sim}}}
     return {"generation": gen, "noise_attack": attack}

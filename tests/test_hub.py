@@ -4,7 +4,6 @@
 import json
 import logging
 import threading
-from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,7 +77,7 @@ SETTINGS = {
 
 def test_public_settings_drop_tokens(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", SECRET)
-    args = Namespace(**SETTINGS, hub_model_id="me/model", report_to_token_x="y", wandb_url=f"https://x?t={SECRET}")
+    args = dict(**SETTINGS, hub_model_id="me/model", report_to_token_x="y", wandb_url=f"https://x?t={SECRET}")
     public = hub.public_settings(args)
     assert "hub_token" not in public and "report_to_token_x" not in public and "wandb_url" not in public
     assert public["ambient_timestep"] == 200 and public["output_dir"] == "out" and public["resolution"] == [1024, 1024]

@@ -418,7 +418,6 @@ def test_output_folder_is_not_overwritten_without_the_flag(monkeypatch, tmp_path
     (["--ambient_timestep", "1000"], "--ambient_timestep 1000"),
     (["--resolution", "100"], "--resolution 100"),
     (["--dataset_name", "user/data"], "--dataset_name and --train_data_dir"),
-    (["--consistency_weight", "0.5", "--ambient_timestep", "0"], "--consistency_weight"),
     (["--finetune", "full", "--train_text_encoder"], "--train_text_encoder"),
     (["--push_checkpoints_to_hub"], "--push_checkpoints_to_hub"),
     (["--resume_from_checkpoint", "checkpoint-7"], "--resume_from_checkpoint checkpoint-7"),
@@ -434,6 +433,24 @@ def test_bad_flags_fail_before_any_model_is_loaded(monkeypatch, tmp_path, extra,
     _forbid_model_loading(monkeypatch)
     with pytest.raises(ValueError, match=re.escape(message)):
         main(tiny_args(tmp_path / "model", tmp_path / "images", tmp_path / "out", *extra))
+
+
+def test_consistency_needs_a_noisy_example_known_once_the_levels_are_read(monkeypatch, tmp_path, tiny_pipeline_dir,
+                                                                        image_folder):
+    """--ambient_timestep 0 with the consistency term: refused before any model loads when no example is
+    noisy, and not refused when metadata.jsonl's ambient_timestep column puts some images at t_n = 100."""
+    from sdxl_ambient.train import main
+
+    _forbid_model_loading(monkeypatch)
+    args = tiny_args(tiny_pipeline_dir, image_folder, tmp_path / "out", "--consistency_weight", "1", "--ambient_timestep", "0")
+    with pytest.raises(ValueError, match=re.escape("--consistency_weight > 0 needs data with noise")):
+        main(args)
+    rows = [json.loads(line) for line in (image_folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows[:3]:
+        row["ambient_timestep"] = 100
+    (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # every check passed: the models load next
+        main(args)
 
 
 def test_unknown_config_key_names_the_file(monkeypatch, tmp_path):

@@ -216,6 +216,51 @@ def test_generate_rejects_bad_flags(tiny_pipeline_dir, tmp_path, capsys):
     assert_one_line_error(capsys, main(base + ["--num_inference_steps", "3.5"]), "--num_inference_steps", "3.5")
 
 
+@pytest.fixture
+def no_pipelines(monkeypatch):
+    """Fail the test if a command loads a pipeline: its flags must be checked first."""
+    from sdxl_ambient import generate, pipelines
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded before the flags were checked")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", refuse)
+    monkeypatch.setattr(generate, "load_pipeline", refuse)
+
+
+SAMPLING_FLAG_ERRORS = [
+    (["--batch_size", "0"], "--batch_size 0 must be >= 1"),
+    (["--num_inference_steps", "0"], "--num_inference_steps 0 must be >= 1"),
+    (["--resolution", "100"], "--resolution 100 must be a positive multiple of 8"),
+    (["--jump_margin", "-1"], "--jump_margin -1 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--ambient_timestep", "1000"], "--ambient_timestep 1000 must be in [0, 1000)"),
+    (["--ambient_timestep", "-1"], "--ambient_timestep -1 must be in [0, 1000)"),
+    *SAMPLING_FLAG_ERRORS,
+])
+def test_generate_refuses_bad_sampling_flags_in_one_line_before_loading(no_pipelines, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "out"
+    assert_one_line_error(capsys, main(["generate", "--pretrained_model_name_or_path", str(tmp_path / "model"),
+                                        "--prompt", "x", "--output_dir", str(out), *extra]), fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--ambient_timestep", "a=1000"], "--ambient_timestep 'a=1000': t_n 1000 must be in [0, 1000)"),
+    (["--ambient_timestep", "a=-1"], "--ambient_timestep 'a=-1': expected NAME=T_N"),
+    *SAMPLING_FLAG_ERRORS,
+])
+def test_memorization_refuses_bad_sampling_flags_in_one_line_before_loading(no_pipelines, tmp_path, capsys, image_folder,
+                                                                             extra, fragment):
+    out = tmp_path / "out"
+    assert_one_line_error(capsys, main(["memorization", "--model", f"a={tmp_path / 'model'}", "--train_data_dir",
+                                        str(image_folder), "--output_dir", str(out), *extra]), fragment)
+    assert not out.exists()
+
+
 def test_sampling_timesteps_include_both_ends():
     assert sampling.sampling_timesteps(4, stop=199).tolist() == [999, 799, 599, 399, 199]
     assert sampling.sampling_timesteps(10, stop=995).tolist() == [999, 998, 997, 996, 995]

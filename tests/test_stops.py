@@ -92,7 +92,8 @@ def test_a_signal_saves_at_the_next_step_and_exits_with_128_plus_its_number(monk
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_stops_after_the_step_and_a_second_one_aborts_without_saving(monkeypatch, capsys, tmp_path,
                                                                             tiny_pipeline_dir, uninterrupted, presses):
-    """Ctrl-C pressed during step 3: once, the run saves checkpoint-3 and exits 130, and the resume
+    """Ctrl-C pressed during step 3: once, the run saves checkpoint-3 (the step under way, although
+    step 3 is no sync point: --logging_steps 10, --max_nonfinite_steps 5) and exits 130, and the resume
     ends as the uninterrupted run; twice, it aborts at once with one line, saving nothing."""
     from sdxl_ambient import train
 

@@ -3,6 +3,7 @@ below it, so library code never depends on a command, the data layer never loads
 sampling never reaches into evaluation."""
 
 import ast
+import re
 from pathlib import Path
 
 from helpers import ROOT
@@ -12,9 +13,9 @@ from helpers import ROOT
 LAYERS = [
     {"errors", "files", "durable", "text", "lora_formats", "compile"},
     {"objectives", "images", "tiny", "outputs"},
-    {"step", "data", "sampling", "models", "checkpointing", "hub", "optimizers", "evaluation.features",
-     "evaluation.report"},
-    {"cache", "heldout", "pipelines", "toy", "validation"},
+    {"step", "data", "sampling", "models", "checkpointing", "hub", "optimizers", "evaluation.report",
+     "evaluation.similarity"},
+    {"cache", "heldout", "pipelines", "toy", "validation", "evaluation.features"},
     {"config"},
     {"train", "corrupt", "generate", "demo", "cli", "push", "evaluation.memorization", "evaluation.quality"},
 ]
@@ -58,6 +59,23 @@ def test_modules_import_only_from_lower_layers():
             if not ok:
                 wrong.append(f"{name} imports {dep}")
     assert wrong == []
+
+
+def readme_layers() -> list[set[str]]:
+    """The modules of each layer of README's architecture table, lowest first."""
+    text = (ROOT / "README.md").read_text().split("## Architecture", 1)[1].split("\n\n")
+    rows = next(block for block in text if block.startswith("| layer | module |")).splitlines()[2:]
+    layers: list[set[str]] = []
+    for row in rows:
+        name, modules = row.split("|")[1].strip(), row.split("|")[2]
+        if name:
+            layers.insert(0, set())
+        layers[0] |= {m.removesuffix(".py").replace("/", ".") for m in re.findall(r"`([\w/]+\.py)`", modules)}
+    return layers
+
+
+def test_readmes_architecture_table_lists_these_layers():
+    assert readme_layers() == LAYERS
 
 
 def test_the_layer_rule_catches_a_wrong_import(tmp_path):

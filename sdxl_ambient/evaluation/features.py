@@ -27,6 +27,9 @@ from PIL import Image
 
 from sdxl_ambient.errors import UserError, first_line
 from sdxl_ambient.images import center_crop_resize, open_image
+from sdxl_ambient.models import resolve_device
+
+DEFAULT_EMBEDDER = "facebook/dinov2-base"  # --embedder: the paper's memorisation measure
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,7 +65,7 @@ class ImageEmbedder(abc.ABC):
     std = IMAGENET_STD
 
     def __init__(self, model: torch.nn.Module, device=None, dtype=torch.float32, normalize: bool = True):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         self.normalize = normalize

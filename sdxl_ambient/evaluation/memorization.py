@@ -25,12 +25,10 @@ from PIL import Image
 
 from sdxl_ambient.data import DataSource, ImageRecord
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.evaluation.similarity import paired_similarity, similarity_stats, top1_similarity
 from sdxl_ambient.images import image_grid, open_image
-
-THRESHOLDS = (0.9, 0.95, 0.99)
-PERCENTILES = (50, 90, 95, 99)
-DEFAULT_EMBEDDER = "facebook/dinov2-base"
-
+from sdxl_ambient.objectives import check_ambient_timestep
+from sdxl_ambient.sampling import DEFAULT_GUIDANCE_SCALE
 
 # ----------------------------------------------------------------------------- data
 
@@ -54,31 +52,6 @@ def read_training_set(source: DataSource | str | Path) -> list[ImageRecord]:
 
 
 # ----------------------------------------------------------------------------- measures
-
-
-def top1_similarity(query: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each query row, the largest cosine similarity to a reference row and that row's index."""
-    q = torch.nn.functional.normalize(query.float(), dim=-1)
-    r = torch.nn.functional.normalize(reference.float(), dim=-1)
-    values, indices = (q @ r.T).max(dim=1)
-    return values, indices
-
-
-def paired_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of row i of ``a`` with row i of ``b``."""
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-
-
-def similarity_stats(values: torch.Tensor | Sequence[float]) -> dict:
-    """count, mean, std, min, max, percentiles p50/p90/p95/p99 and the fractions above 0.9/0.95/0.99."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if v.numel() == 0:
-        raise ValueError("no similarity values")
-    stats = {"count": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
-             "min": float(v.min()), "max": float(v.max())}
-    stats.update({f"p{p}": float(torch.quantile(v, p / 100)) for p in PERCENTILES})
-    stats.update({f"frac_above_{t}": float((v > t).double().mean()) for t in THRESHOLDS})
-    return stats
 
 
 def embed_all(embedders: Mapping, images) -> dict[str, torch.Tensor]:
@@ -114,7 +87,7 @@ def score_top1(images, train_embeddings: Mapping[str, torch.Tensor], embedders: 
 
 @torch.no_grad()
 def noise_attack(pipe, images_or_latents, prompts: Sequence[str], embedders: Mapping, *, timestep: int = 900,
-                 num_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, resolution: int | None = None) -> dict:
+                 num_steps: int = 50, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0, resolution: int | None = None) -> dict:
     """Noise training images (PIL images or paths, read by :func:`images.open_image`) or scaled latents to ``timestep``, reconstruct them in one
     Tweedie step and by ``num_steps`` DDIM steps (``sampling.ddim_reconstruct``), and score each
     reconstruction's cosine similarity to its original, per embedder.
@@ -278,6 +251,7 @@ def parse_truncation(specs: Sequence[str] | None, names: Sequence[str]) -> dict[
         name, sep, value = spec.partition("=")
         if not sep or name not in names or not value.isdigit():
             raise UserError(f"--ambient_timestep {spec!r}: expected NAME=T_N with NAME one of {list(names)}")
+        check_ambient_timestep(int(value), where=f"--ambient_timestep {spec!r}: t_n")
         out[name] = int(value)
     return out
 
@@ -294,7 +268,13 @@ REPORT_FILES = ("memorization.json", "memorization.md", "histogram.png", "top_ma
 
 
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_data_source_arguments, add_model_arguments, add_output_folder_arguments, add_sampling_arguments
+    from sdxl_ambient.config import (
+        add_data_source_arguments,
+        add_embedder_arguments,
+        add_model_arguments,
+        add_output_folder_arguments,
+        add_sampling_arguments,
+    )
 
     add_data_source_arguments(parser)  # the fine-tuning set, read as training reads it
     parser.add_argument("--model", action="append", required=True, metavar="NAME=BASE[:LORA]",
@@ -302,8 +282,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ambient_timestep", action="append", metavar="NAME=T_N",
                         help="sample model NAME truncated at t_n (0: full sampling). Default: the t_n in the "
                              "training_settings.json beside its LoRA (or in its fine-tune's folder), else 0")
-    parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="DINOv2 Hub name or local folder")
-    parser.add_argument("--clip_model", default=None, help="optional CLIP model (Hub name or folder): a second similarity")
+    add_embedder_arguments(parser)
     parser.add_argument("--num_images", type=int, default=100, help="images generated per model")
     parser.add_argument("--num_attack_images", type=int, default=8, help="training images in the noise attack (0: skip it)")
     parser.add_argument("--attack_timestep", type=int, default=900)
@@ -357,7 +336,7 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSo
         embedders["clip"] = ClipImageEmbedder(clip_model, device=device)
     train_embeddings = embed_all(embedders, train_images)
     n_attack = min(num_attack_images, len(train))
-    guidance = dict(sample_kwargs or {}).get("guidance_scale", 5.0)
+    guidance = dict(sample_kwargs or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
 
     results = {}
     for name, base, lora in specs:
@@ -384,11 +363,12 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSo
 
 
 def run(args) -> int:
-    from sdxl_ambient.config import data_source, input_paths
+    from sdxl_ambient.config import check_sampling_flags, data_source, data_source_paths, model_paths
     from sdxl_ambient.outputs import OutputFolder
 
+    check_sampling_flags(args)
     specs = [parse_model_spec(s) for s in args.model]
-    inputs = [*input_paths(args), ("--embedder", args.embedder), ("--clip_model", args.clip_model),
+    inputs = [*model_paths(args, base=False), *data_source_paths(args), ("--embedder", args.embedder), ("--clip_model", args.clip_model),
               *[("--model", path) for _, base, lora in specs for path in (base, lora)]]
     folder = OutputFolder(args.output_dir, command="memorization", writes=REPORT_FILES)
     with folder.checked_and_locked(inputs, args.overwrite_output_dir):

@@ -119,14 +119,13 @@ REPORT_FILES = ("quality.json", "quality.md")
 
 
 def add_arguments(parser) -> None:
-    from sdxl_ambient.config import add_device_argument, add_output_folder_arguments
+    from sdxl_ambient.config import add_device_argument, add_embedder_arguments, add_output_folder_arguments
 
     parser.add_argument("--generated", required=True, help="folder of generated images")
     parser.add_argument("--reference", required=True, help="folder of reference images")
     parser.add_argument("--features", choices=FEATURES, default="dinov2",
                         help="feature extractor for FID/KID (inception downloads torchmetrics' weights)")
-    parser.add_argument("--embedder", default="facebook/dinov2-base", help="DINOv2 Hub name or local folder")
-    parser.add_argument("--clip_model", default=None, help="CLIP model (Hub name or folder): CLIP score, or --features clip")
+    add_embedder_arguments(parser)
     parser.add_argument("--kid_subsets", type=int, default=100)
     parser.add_argument("--kid_subset_size", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=32)
