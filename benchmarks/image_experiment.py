@@ -70,7 +70,7 @@ FORMS = {"shipped": SHIPPED, "small-steps": SMALL_STEPS, "short-reach": SHORT_RE
 def consistency_form(name: str, t_n: int) -> dict | None:
     """The AmbientObjective fields of a Part 3 form at t_n; None where the form is not run at t_n
     (it equals another form there, or is measured at one noise level only)."""
-    shipped = {"consistency_weight": 1.0, "consistency_max_delta": t_n, "consistency_steps": 1}
+    shipped = {"consistency_weight": 1.0, "consistency_max_delta": t_n, "consistency_steps": 1, "consistency_fraction": 1.0}
     if name == SHIPPED:
         return shipped
     if name == SMALL_STEPS:  # is one reverse step across up to t_n timesteps the trouble at t_n = 500?

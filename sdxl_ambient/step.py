@@ -75,6 +75,10 @@ class StepDraws:
     consistency_scale: float = 1.0  # the term's factor for running on k of B samples (B / k, or 1 / fraction)
 
 
+# --consistency_fraction's default, and AmbientObjective's (the measurements behind it: docs/image_results.md, Part 3).
+DEFAULT_CONSISTENCY_FRACTION = 0.25
+
+
 @dataclass
 class AmbientObjective:
     """The ambient objective of one step: Tweedie loss above t_n, consistency below it.
@@ -100,8 +104,8 @@ class AmbientObjective:
     weight_cap: float = DEFAULT_WEIGHT_CAP
     consistency_weight: float = 0.0
     consistency_steps: int = 1
-    consistency_max_delta: int | None = 100  # None: each sample's own t_n
-    consistency_fraction: float = 1.0
+    consistency_max_delta: int | None = None  # None: each sample's own t_n (the trainer's default)
+    consistency_fraction: float = DEFAULT_CONSISTENCY_FRACTION  # 1: the whole batch
     consistency_one_sided: bool = False
     num_train_timesteps: int = 1000
 
@@ -227,8 +231,6 @@ class AmbientObjective:
 
 # From this t_n up the trainer warns that the consistency term is on (why: docs/image_results.md, Part 3).
 HARMFUL_CONSISTENCY_LEVEL = 500
-# --consistency_fraction's default (the measurements behind it: docs/image_results.md, Part 3).
-DEFAULT_CONSISTENCY_FRACTION = 0.25
 
 
 def _levels(levels: int | Iterable[int]) -> list[int]:

@@ -139,6 +139,7 @@ def training_loss(model, y, t_n, config: TrainConfig, alphas_cumprod, generator)
         objective = AmbientObjective(alphas_cumprod, weighting=config.weighting, weight_cap=config.weight_cap,
                                      consistency_weight=config.consistency_weight, consistency_steps=config.consistency_steps,
                                      consistency_max_delta=config.consistency_max_delta or config.observed_timestep,
+                                     consistency_fraction=1.0,  # the whole batch, as the toy's tables were measured
                                      num_train_timesteps=NUM_TRAIN_TIMESTEPS)
         return objective(model, y, t_n, generator=generator)["loss"].mean()
     t = obj.draw_timesteps(t_n, NUM_TRAIN_TIMESTEPS, generator)

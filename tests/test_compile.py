@@ -74,7 +74,8 @@ def test_compiled_step_matches_eager(lora_unet, abar):
     """Inductor-compiled blocks: the same per-sample losses at every step and the same LoRA weights
     after three optimizer steps of AmbientObjective (with the consistency term) as eager."""
     torch._dynamo.reset()
-    objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5, consistency_max_delta=100)
+    objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5, consistency_max_delta=100,
+                                 consistency_fraction=1.0)
     batches = [batch(seed=0), batch(seed=1)]
     eager_losses, eager_weights = train(copy.deepcopy(lora_unet), objective, batches, steps=3)
     compiled = copy.deepcopy(lora_unet)
@@ -142,7 +143,8 @@ def test_step_on_a_stand_in_accelerator_reads_nothing_back(lora_unet, abar, cons
     """The step (draws, conditioned UNet, losses, backward, clipping) with everything on the meta device:
     no value read on the host, no data-dependent shape, no tensor copied in from the CPU."""
     unet = copy.deepcopy(lora_unet).to("meta")
-    objective = AmbientObjective(alphas_cumprod=abar.to("meta"), consistency_weight=consistency_weight)
+    objective = AmbientObjective(alphas_cumprod=abar.to("meta"), consistency_weight=consistency_weight,
+                                 consistency_max_delta=100, consistency_fraction=1.0)
     data = batch(device="meta")
     with fast.HostSyncCheck() as check:
         _step(unet, objective, data)
@@ -151,7 +153,7 @@ def test_step_on_a_stand_in_accelerator_reads_nothing_back(lora_unet, abar, cons
 
 def test_step_on_the_cpu_reads_nothing_back(lora_unet, abar):
     """The same step with real numbers (CPU, seeded generator): no host read either."""
-    objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5)
+    objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5, consistency_max_delta=100, consistency_fraction=1.0)
     unet, data = copy.deepcopy(lora_unet), batch()
     with fast.HostSyncCheck() as check:
         _step(unet, objective, data, generator=torch.Generator().manual_seed(0))
@@ -189,7 +191,7 @@ def test_compiled_blocks_under_gradient_checkpointing(lora_unet, abar):
     """--gradient_checkpointing recomputes the compiled blocks in the backward pass: still eager's numbers
     (aot_eager: the same graph as inductor's input, without code generation)."""
     torch._dynamo.reset()
-    objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5)
+    objective = AmbientObjective(alphas_cumprod=abar, consistency_weight=0.5, consistency_max_delta=100, consistency_fraction=1.0)
     runs = []
     for compiled in (False, True):
         unet = copy.deepcopy(lora_unet)

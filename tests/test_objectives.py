@@ -286,7 +286,7 @@ def test_consistency_on_part_of_the_batch_is_rescaled_and_takes_the_first_sample
     b = 8
     y = torch.randn(b, 2, generator=_gen(), dtype=torch.float64)
     t_n = torch.full((b,), 100)
-    full = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100)
+    full = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100, consistency_fraction=1.0)
     part = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100, consistency_fraction=0.25)
     losses = part(Net(b), y, t_n, generator=_gen(5))
     assert calls == [(8, 8), (2, 2), (2, 4)]  # ambient on all 8; anchor and both chains on the first 2
@@ -314,7 +314,7 @@ def test_a_fraction_below_one_sample_runs_the_term_on_some_steps_with_the_same_e
         return 0.1 * x * (t[:, None].double() / 1000)
 
     objective = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100, consistency_fraction=0.25)
-    whole = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100)
+    whole = AmbientObjective(abar64, consistency_weight=1.0, consistency_max_delta=100, consistency_fraction=1.0)
     y, t_n = torch.randn(1, 2, generator=_gen(), dtype=torch.float64), torch.full((1,), 100)
     ran = []
     for step in range(8):
