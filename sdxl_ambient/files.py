@@ -10,6 +10,7 @@ LORA_FILES = (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
 # The sub-folders of an SDXL diffusers pipeline.
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 MODEL_INDEX = "model_index.json"
+PIPELINE_TMP_PREFIX = ".tmp-pipeline-"  # a full fine-tune's pipeline while it is written, beside its place
 
 # A training run's output folder.
 SETTINGS_FILE = "training_settings.json"

@@ -14,6 +14,7 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from sdxl_ambient.durable import atomic_write
 from sdxl_ambient.errors import UserError, first_line
 from sdxl_ambient.files import EMA_DIR, LORA_FILES, MODEL_CARD, MODEL_INDEX, SDXL_PARTS, SETTINGS_FILE
 from sdxl_ambient.images import IMAGE_SUFFIXES
@@ -93,8 +94,26 @@ def public_settings(args) -> dict:
 def write_settings(output_dir, settings) -> Path:
     path = Path(output_dir) / SETTINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(public_settings(settings), indent=2) + "\n")
+    text = json.dumps(public_settings(settings), indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
+
+
+def read_settings(folder) -> dict:
+    """The ``training_settings.json`` in ``folder`` ({} when there is none); a damaged one is a
+    one-line error naming it. The one reader of the file (``push``, the t_n of a trained model)."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {first_line(exc)}): restore it, or delete it "
+                        "and give the settings it held as flags") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} is not a training settings file (a JSON object): restore it, or delete it "
+                        "and give the settings it held as flags")
+    return settings
 
 
 # ----------------------------------------------------------------------------- model card

@@ -22,19 +22,20 @@ import torch
 
 from sdxl_ambient import checkpointing
 from sdxl_ambient.config import RESUME_RESOLVED_FLAGS, RESUME_SAFE_FLAGS, TrainConfig, input_paths, load_train_config
-from sdxl_ambient.durable import write_failure
+from sdxl_ambient.durable import TEMPORARY, atomic_write, write_failure
 from sdxl_ambient.errors import ReportedElsewhere, UserError, exit_code_of
 from sdxl_ambient.files import (
     LORA_FILES,
     LORA_WEIGHT_NAME,
     MODEL_CARD,
     MODEL_INDEX,
+    PIPELINE_TMP_PREFIX,
     SAMPLES_DIR,
     SDXL_PARTS,
     SETTINGS_FILE,
     VALIDATION_DIR,
 )
-from sdxl_ambient.outputs import OutputFolder, check_apart
+from sdxl_ambient.outputs import OutputFolder, check_apart, disk_errors
 from sdxl_ambient.step import AmbientObjective, conditioned_unet
 from sdxl_ambient.text import text_embeddings
 
@@ -56,10 +57,10 @@ def inside_output(flags, folder) -> str | None:
 
 def output_folder(flags, cache_dir: Path) -> OutputFolder:
     """The output folder and what a training run writes at its top: settings, card, samples,
-    validation grids, checkpoints, the weights (LoRA files or a pipeline), and the logs and latent
-    cache when they lie inside it."""
-    writes = [SETTINGS_FILE, MODEL_CARD, SAMPLES_DIR, VALIDATION_DIR, "checkpoint-*", ".tmp-checkpoint-*"]
-    writes += list(LORA_FILES) if flags.finetune == "lora" else [MODEL_INDEX, *SDXL_PARTS]
+    validation grids, checkpoints, the weights (LoRA files or a pipeline), the temporary names of
+    files being written, and the logs and latent cache when they lie inside it."""
+    writes = [SETTINGS_FILE, MODEL_CARD, SAMPLES_DIR, VALIDATION_DIR, "checkpoint-*", ".tmp-checkpoint-*", TEMPORARY]
+    writes += list(LORA_FILES) if flags.finetune == "lora" else [MODEL_INDEX, *SDXL_PARTS, f"{PIPELINE_TMP_PREFIX}*"]
     writes += [name for name in (inside_output(flags, flags.logging_dir), inside_output(flags, cache_dir)) if name]
     return OutputFolder(flags.output_dir, command="train", writes=writes)
 
@@ -493,7 +494,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     if flags.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=flags.prediction_type)
     place_frozen(flags, components, accelerator.device, weight_dtype)
-    cache = prepare_cache(list(cfg.sources), cfg.data, cfg.cache, components, accelerator, images=images)
+    with disk_errors(cfg.cache.cache_dir, then="run the same command again (the shards written are kept)"):
+        cache = prepare_cache(list(cfg.sources), cfg.data, cfg.cache, components, accelerator, images=images)
     levels = cache.levels  # of every example, held out or not
     held_out = None
     if cfg.held_out is not None:  # the same examples in every run on this data
@@ -823,7 +825,7 @@ def finish(run: Run, step: int) -> None:
                               base_model=public_name(flags.pretrained_model_name_or_path),
                               settings={**vars(flags), **run.resolved.as_dict()}, finetune=flags.finetune,
                               image_paths=images, validation_prompt=flags.validation_prompt, output_dir=flags.output_dir)
-        (Path(flags.output_dir) / MODEL_CARD).write_text(card)
+        atomic_write(Path(flags.output_dir) / MODEL_CARD, lambda tmp: tmp.write_text(card))
         if run.pusher is not None:
             run.pusher.close()
         if run.hub_repo is not None:  # never the user's files beside ours
