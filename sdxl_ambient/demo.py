@@ -37,12 +37,10 @@ def add_arguments(parser) -> None:
 
 def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Path, resolution: int, seed: int = 0) -> Path:
     """Sample each prompt with the base pipeline and with the LoRA loaded, same noise; base row above."""
-    from safetensors.torch import load_file
-
     from sdxl_ambient.images import image_grid
-    from sdxl_ambient.models import lora_file
-    from sdxl_ambient.pipelines import load_pipeline
+    from sdxl_ambient.pipelines import load_lora, load_pipeline, read_lora
 
+    lora = read_lora(lora_dir, flag="the demo's LoRA")
     pipe = load_pipeline(str(pipeline_dir), device="cpu", dtype="float32")
 
     def row():
@@ -50,7 +48,7 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
         return [pipe(p, num_inference_steps=10, height=resolution, width=resolution, generator=g).images[0] for p in prompts]
 
     base = row()
-    pipe.load_lora_weights(load_file(str(lora_file(lora_dir))), use_safetensors=True)
+    load_lora(pipe, *lora, model=str(pipeline_dir), flag="the demo's LoRA")
     tuned = row()
     grid = image_grid(base + tuned, cols=len(prompts))
     grid.save(out)

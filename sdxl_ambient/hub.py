@@ -283,6 +283,7 @@ def prepare_repo(repo_id: str, *, private: bool = False, flag: str = "--push_to_
     """Before any work: check that a push can succeed (a token, the Hub reachable, the repo created
     or already there in a namespace the token can write to), as diffusers' scripts create the repo
     at the start. Returns the repo's full id; anything in the way is a one-line error naming ``flag``."""
+    check_repo_id(repo_id)
     token = resolve_token(token)
     if not token:
         raise UserError(f"{flag} needs a Hub token with write access: set HF_TOKEN or run `hf auth login`")
@@ -293,6 +294,18 @@ def prepare_repo(repo_id: str, *, private: bool = False, flag: str = "--push_to_
                                 f"{first_line(err)}); check the network, the token's write access and --hub_model_id",
                                 _known_secrets(token))) from None
     return getattr(repo, "repo_id", None) or repo_id
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A repo id the Hub accepts (NAME or OWNER/NAME of letters, digits, '-', '_', '.'); the default
+    one, the output folder's name, often is not (``my run (v2)``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"--hub_model_id {repo_id!r} is not a valid Hub repo id ({first_line(err)}); without "
+                        "--hub_model_id the output folder's name is used: give --hub_model_id NAME or OWNER/NAME") from None
 
 
 def default_repo_id(hub_model_id: str | None, output_dir) -> str:
