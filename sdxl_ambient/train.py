@@ -68,15 +68,21 @@ def output_folder(flags, cache_dir: Path) -> OutputFolder:
 def check_output_dir(flags, folder: OutputFolder, resume_path) -> None:
     """Refuse files training did not write (always where it writes, else unless
     --overwrite_output_dir) and, unless asked to write over them or resuming a checkpoint in it, a
-    finished or running run's results."""
+    finished or running run's results. A checkpoint resumed from outside the folder continues its
+    own run there: the folder is checked as for a new run."""
     folder.check_foreign(flags.overwrite_output_dir)
     out = folder.path
-    if flags.overwrite_output_dir and resume_path is not None and resume_path.parent.resolve() == out.resolve():
+    inside = resume_path is not None and resume_path.resolve().parent == out.resolve()
+    if flags.overwrite_output_dir and inside:
         raise UserError(f"--overwrite_output_dir removes {resume_path}, which --resume_from_checkpoint "
                         f"{flags.resume_from_checkpoint} resumes from: give one of the two")
-    if flags.overwrite_output_dir or resume_path is not None or not out.is_dir():
+    if flags.overwrite_output_dir or inside or not out.is_dir():
         return
     found = [name for name in RESULT_FILES if (out / name).exists()] + [p.name for p in checkpointing.list_checkpoints(out)]
+    if resume_path is not None and found:  # the run goes on in a folder that holds another run's results
+        raise UserError(f"--output_dir {out} already holds another run's results ({', '.join(found[:3])}), and "
+                        f"--resume_from_checkpoint {resume_path} lies outside it: choose another --output_dir, or pass "
+                        "--overwrite_output_dir to replace them")
     if flags.resume_from_checkpoint:  # restarting before the first checkpoint: only finished weights are in the way
         found = [name for name in found if name != SETTINGS_FILE]
     if found:
@@ -557,16 +563,18 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
 
 def start_outputs(run: Run) -> None:
     """Once everything is loaded (main process): with --overwrite_output_dir remove the earlier run's
-    results (checkpoints included, so `latest` cannot resume them; the latent cache and the logs
-    stay), record what this run writes, save the settings, start the trackers and the checkpoint pusher."""
+    results (checkpoints included, so `latest` cannot resume them, and its logs, so that its curves
+    do not mix with this run's; the latent cache stays), record what this run writes, save the
+    settings, start the trackers and the checkpoint pusher."""
     from sdxl_ambient import hub
 
     accelerator, flags = run.accelerator, run.flags
     if not accelerator.is_main_process:
         return
-    keep = {inside_output(flags, flags.logging_dir), inside_output(flags, run.cfg.cache.cache_dir)}
-    run.output.start(clear=[n for n in run.output.own() if n not in keep] if flags.overwrite_output_dir else [])
-    hub.write_settings(flags.output_dir, settings_record(run))
+    keep = inside_output(flags, run.cfg.cache.cache_dir)
+    with disk_errors(flags.output_dir):
+        run.output.start(clear=[n for n in run.output.own() if n != keep] if flags.overwrite_output_dir else [])
+        hub.write_settings(flags.output_dir, settings_record(run))
     accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
                                                       if isinstance(v, (int, float, str, bool))})
     if flags.push_checkpoints_to_hub:
