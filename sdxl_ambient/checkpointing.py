@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdxl_ambient.durable import fsync_dir, fsync_file, write_failure
+from sdxl_ambient.durable import fsync_dir, fsync_tree, write_failure
 from sdxl_ambient.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _write(accelerator, tmp: Path, state: dict, generator: torch.Generator) -> N
     if accelerator.is_main_process:
         sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / STATE_FILE).write_text(json.dumps({**state, "files": sizes}, indent=2))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
 
 
 def read_state(path: Path) -> dict:
@@ -207,11 +207,3 @@ def _remove(checkpoint: Path) -> None:
     fsync_dir(checkpoint.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush the files and folders of a finished save to disk before it is renamed into place."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fsync_file(path)
-    for path in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
-        fsync_dir(path)

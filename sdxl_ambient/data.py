@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdxl_ambient.errors import UserError
+from sdxl_ambient.errors import UserError, first_line
 from sdxl_ambient.files import METADATA_FILES, public_name
 from sdxl_ambient.images import is_image_file, open_image
 from sdxl_ambient.objectives import check_ambient_timestep
@@ -237,11 +237,22 @@ def dataset_records(dataset, image_column: str, caption_column: str, name: str) 
 def load_hf_dataset(dataset_name: str, dataset_config_name: str | None = None):
     """The train split of a Hub dataset, or of a folder written by ``save_to_disk``."""
     import datasets
+    from datasets.exceptions import DatasetsError
 
-    if Path(dataset_name).is_dir() and _is_saved_dataset(Path(dataset_name)):
-        ds = datasets.load_from_disk(dataset_name)
-    else:
-        ds = datasets.load_dataset(dataset_name, dataset_config_name)
+    from sdxl_ambient.durable import write_failure
+
+    try:
+        if Path(dataset_name).is_dir() and _is_saved_dataset(Path(dataset_name)):
+            ds = datasets.load_from_disk(dataset_name)
+        else:
+            ds = datasets.load_dataset(dataset_name, dataset_config_name)
+    except (OSError, ValueError, DatasetsError) as err:  # no such dataset, offline, no access, a bad name or config
+        if write_failure(err) is not None:  # the disk refused the download: that is not the flag's fault
+            raise
+        config = f" --dataset_config_name {dataset_config_name}" if dataset_config_name else ""
+        raise UserError(f"--dataset_name {dataset_name}{config} cannot be loaded ({type(err).__name__}: "
+                        f"{first_line(err)[:300]}): check the name (a Hub dataset id or a save_to_disk folder), "
+                        "the network (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE) and your access to it") from None
     if isinstance(ds, (datasets.DatasetDict, dict)):
         if "train" not in ds:
             raise UserError(f"--dataset_name {dataset_name}: no 'train' split (splits: {sorted(ds)})")

@@ -6,10 +6,15 @@
 3. reload the LoRA into a plain diffusers pipeline and write a grid: base model above, LoRA below;
 4. write the memorisation report (base vs ambient LoRA) with a tiny random DINOv2 embedder. With
    random weights everywhere its figures only show the report's form, not a finding.
+
+A training stopped by Ctrl-C or SIGTERM (it saves a checkpoint) stops the demo with the same exit
+status (130, 143) and one line saying how to resume; a failed training is the demo's error (2).
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -25,6 +30,7 @@ def demo_images() -> Path:
     return Path(str(resources.files("sdxl_ambient") / "assets" / "demo_images"))
 
 
+STOPPED = {128 + signal.SIGINT: "Ctrl-C (SIGINT)", 128 + signal.SIGTERM: "SIGTERM"}  # training's exit status then
 WRITES = ("tiny-sdxl", "tiny-dinov2", "lora", "demo_grid.png", "memorization")
 
 
@@ -38,8 +44,9 @@ def add_arguments(parser) -> None:
 def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Path, resolution: int, seed: int = 0) -> Path:
     """Sample each prompt with the base pipeline and with the LoRA loaded, same noise; base row above."""
     from sdxl_ambient.images import image_grid
-    from sdxl_ambient.pipelines import load_lora, load_pipeline
+    from sdxl_ambient.pipelines import load_lora, load_pipeline, read_lora
 
+    lora = read_lora(lora_dir, flag="the demo's LoRA")
     pipe = load_pipeline(str(pipeline_dir), device="cpu", dtype="float32")
 
     def row():
@@ -47,7 +54,7 @@ def compare_grid(pipeline_dir: Path, lora_dir: Path, prompts: list[str], out: Pa
         return [pipe(p, num_inference_steps=10, height=resolution, width=resolution, generator=g).images[0] for p in prompts]
 
     base = row()
-    load_lora(pipe, str(lora_dir))
+    load_lora(pipe, *lora, model=str(pipeline_dir), flag="the demo's LoRA")
     tuned = row()
     grid = image_grid(base + tuned, cols=len(prompts))
     grid.save(out)
@@ -81,10 +88,15 @@ def run_demo(out: Path, max_train_steps: int | None) -> int:
     if max_train_steps:
         argv += ["--max_train_steps", str(max_train_steps)]
     status = train_main(argv)
+    resume = f"sdxl-ambient train {' '.join(argv)} --resume_from_checkpoint latest"
+    if status in STOPPED:  # Ctrl-C or SIGTERM: the training saved a checkpoint; the demo stops with the same status
+        sys.stdout.flush()
+        print(f"stopped: the demo's training was stopped by {STOPPED[status]} and saved a checkpoint; resume it with "
+              f"{resume}, or run the demo again with --overwrite_output_dir", file=sys.stderr, flush=True)
+        return status
     if status != 0:
         raise UserError(f"the demo's training stopped early (exit status {status}); run the same command again "
-                        f"with --overwrite_output_dir, or resume it with sdxl-ambient train {' '.join(argv)} "
-                        "--resume_from_checkpoint latest")
+                        f"with --overwrite_output_dir, or resume it with {resume}")
     config = yaml.safe_load(demo_config().read_text())
     prompts = [record.caption for record in read_training_set(demo_images())[:4]]
     grid = compare_grid(pipeline_dir, lora_dir, prompts, out / "demo_grid.png", config["resolution"])

@@ -20,7 +20,11 @@ from collections.abc import Callable
 
 
 class UserError(ValueError):
-    """A mistake in what the user gave; the message names the flag or file and what to do."""
+    """A mistake in what the user gave; the message names the flag or file and what to do. It is
+    always one line: any line breaks in it (a library's message quoted in it) become spaces."""
+
+    def __init__(self, message: object = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
 class ReportedElsewhere(UserError):

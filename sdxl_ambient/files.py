@@ -15,6 +15,7 @@ SDXL_WEIGHT_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 SDXL_PARTS = (*SDXL_WEIGHT_PARTS, "tokenizer", "tokenizer_2", "scheduler")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 MODEL_INDEX = "model_index.json"
+PIPELINE_TMP_PREFIX = ".tmp-pipeline-"  # a full fine-tune's pipeline while it is written, beside its place
 
 # A training run's output folder.
 SETTINGS_FILE = "training_settings.json"

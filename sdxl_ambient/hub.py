@@ -14,6 +14,7 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from sdxl_ambient.durable import atomic_write
 from sdxl_ambient.errors import UserError, first_line
 from sdxl_ambient.files import EMA_DIR, LORA_FILES, MODEL_CARD, MODEL_INDEX, SDXL_PARTS, SETTINGS_FILE
 from sdxl_ambient.images import IMAGE_SUFFIXES
@@ -92,8 +93,26 @@ def public_settings(items: dict) -> dict:
 def write_settings(output_dir, settings) -> Path:
     path = Path(output_dir) / SETTINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(public_settings(settings), indent=2) + "\n")
+    text = json.dumps(public_settings(settings), indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
+
+
+def read_settings(folder) -> dict:
+    """The ``training_settings.json`` in ``folder`` ({} when there is none); a damaged one is a
+    one-line error naming it. The one reader of the file (``push``, the t_n of a trained model)."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {first_line(exc)}): restore it, or delete it "
+                        "and give the settings it held as flags") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} is not a training settings file (a JSON object): restore it, or delete it "
+                        "and give the settings it held as flags")
+    return settings
 
 
 # ----------------------------------------------------------------------------- model card
@@ -263,6 +282,7 @@ def prepare_repo(repo_id: str, *, private: bool = False, flag: str = "--push_to_
     """Before any work: check that a push can succeed (a token, the Hub reachable, the repo created
     or already there in a namespace the token can write to), as diffusers' scripts create the repo
     at the start. Returns the repo's full id; anything in the way is a one-line error naming ``flag``."""
+    check_repo_id(repo_id)
     token = resolve_token(token)
     if not token:
         raise UserError(f"{flag} needs a Hub token with write access: set HF_TOKEN or run `hf auth login`")
@@ -273,6 +293,18 @@ def prepare_repo(repo_id: str, *, private: bool = False, flag: str = "--push_to_
                                 f"{first_line(err)}); check the network, the token's write access and --hub_model_id",
                                 _known_secrets(token))) from None
     return getattr(repo, "repo_id", None) or repo_id
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A repo id the Hub accepts (NAME or OWNER/NAME of letters, digits, '-', '_', '.'); the default
+    one, the output folder's name, often is not (``my run (v2)``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"--hub_model_id {repo_id!r} is not a valid Hub repo id ({first_line(err)}); without "
+                        "--hub_model_id the output folder's name is used: give --hub_model_id NAME or OWNER/NAME") from None
 
 
 def default_repo_id(hub_model_id: str | None, output_dir) -> str:

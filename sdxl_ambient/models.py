@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxl_ambient.durable import atomic_write, fsync_dir, fsync_tree
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import (
     DIFFUSERS_WEIGHTS,
@@ -20,6 +23,7 @@ from sdxl_ambient.files import (
     KOHYA_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     MODEL_INDEX,
+    PIPELINE_TMP_PREFIX,
     SDXL_PARTS,
     SDXL_WEIGHT_PARTS,
     public_name,
@@ -334,7 +338,9 @@ def _dora_base_weights(model, component: str) -> dict[str, torch.Tensor]:
 
 def save_lora(output_dir, unet=None, text_encoder=None, text_encoder_2=None,
               metadata: Mapping[str, str] | None = None) -> list[Path]:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers) and ``pytorch_lora_weights_kohya.safetensors``.
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers) and ``pytorch_lora_weights_kohya.safetensors``,
+    each atomically (:func:`durable.atomic_write`), the kohya copy first: a file there is always whole,
+    and the diffusers file is there only once both are.
 
     The diffusers file carries the peft configs (rank, alpha, targets) as diffusers' adapter metadata,
     so ``pipe.load_lora_weights(output_dir)`` rebuilds the same scale. ``metadata`` (strings) goes into the
@@ -350,16 +356,6 @@ def save_lora(output_dir, unet=None, text_encoder=None, text_encoder_2=None,
     first = next(iter(models.values())).peft_config["default"]
     layers = {k: _diffusers_lora_layers(m, k) for k, m in models.items()}
     configs = {k: m.peft_config["default"].to_dict() for k, m in models.items()}
-    StableDiffusionXLPipeline.save_lora_weights(
-        output_dir,
-        unet_lora_layers=layers.get("unet"),
-        text_encoder_lora_layers=layers.get("text_encoder"),
-        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
-        unet_lora_adapter_metadata=configs.get("unet"),
-        text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
-        text_encoder_2_lora_adapter_metadata=configs.get("text_encoder_2"),
-        weight_name=LORA_WEIGHT_NAME,
-    )
     prefixed = {f"{k}.{name}": t for k, layer in layers.items() for name, t in layer.items()}
     unet_config = unet.config if unet is not None else None
     base_weights = {key: w for k, m in models.items() for key, w in _dora_base_weights(m, k).items()}
@@ -374,7 +370,17 @@ def save_lora(output_dir, unet=None, text_encoder=None, text_encoder_2=None,
         **({"ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_out": "True"})} if base_weights else {}),
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
-    save_file(kohya, str(output_dir / KOHYA_WEIGHT_NAME), metadata=header)
+    atomic_write(output_dir / KOHYA_WEIGHT_NAME, lambda tmp: save_file(kohya, str(tmp), metadata=header))
+    atomic_write(output_dir / LORA_WEIGHT_NAME, lambda tmp: StableDiffusionXLPipeline.save_lora_weights(
+        tmp.parent,
+        unet_lora_layers=layers.get("unet"),
+        text_encoder_lora_layers=layers.get("text_encoder"),
+        text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+        unet_lora_adapter_metadata=configs.get("unet"),
+        text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
+        text_encoder_2_lora_adapter_metadata=configs.get("text_encoder_2"),
+        weight_name=tmp.name,
+    ))
     return [output_dir / LORA_WEIGHT_NAME, output_dir / KOHYA_WEIGHT_NAME]
 
 
@@ -459,7 +465,8 @@ def save_full_pipeline(output_dir, components, unet, text_encoder=None, text_enc
 
     LoRA adapters still attached (e.g. text-encoder LoRA beside a full UNet) are merged into the
     saved weights. The inference scheduler is SDXL's Euler discrete scheduler built from the model's
-    scheduler config."""
+    scheduler config. The pipeline is written into a temporary folder beside its place, flushed, and
+    its parts renamed into place, ``model_index.json`` last: a folder holding it is a whole pipeline."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline(
@@ -471,8 +478,25 @@ def save_full_pipeline(output_dir, components, unet, text_encoder=None, text_enc
         unet=merged_copy(unet),
         scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
     )
-    pipe.save_pretrained(output_dir, safe_serialization=True)
-    return Path(output_dir)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{PIPELINE_TMP_PREFIX}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        fsync_tree(tmp)
+        (out / MODEL_INDEX).unlink(missing_ok=True)  # the folder is a pipeline again only once every part is in place
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_INDEX):
+            target = out / entry.name
+            if target.is_dir():
+                old = out / f"{PIPELINE_TMP_PREFIX}old-{entry.name}"
+                os.replace(target, old)
+                shutil.rmtree(old)
+            os.replace(entry, target)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- EMA

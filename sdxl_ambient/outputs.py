@@ -19,6 +19,8 @@ Every command checks its output folder before any work, and writes nothing until
   The kernel releases the lock when its process dies, so a killed run (kill -9) never blocks the
   next one. A folder the command created is removed again if it is still empty when the command
   fails, so a failed start leaves nothing behind.
+* **A full disk is one line.** A write the disk refuses while the lock is held (full, over quota,
+  read-only) is a one-line error naming the file, or else the folder, and exit status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from sdxl_ambient.durable import atomic_write
+from sdxl_ambient.durable import atomic_write, write_failure
 from sdxl_ambient.errors import UserError
 from sdxl_ambient.files import LOCK_FILE, OUTPUT_RECORD
 
@@ -65,6 +67,32 @@ def check_apart(flag: str, folder, inputs: Iterable[tuple[str, object]]) -> None
             raise UserError(f"{flag} {folder} {relation} {input_flag} {value}: outputs go to a folder apart from "
                             f"the inputs (nothing there may be replaced, and a sample in a data folder becomes "
                             f"training data); choose another {flag}")
+
+
+def _free_space(path: Path) -> str:
+    for place in (path, *path.parents):
+        if place.exists():
+            return f"{shutil.disk_usage(place).free / 2**20:.0f} MiB free there"
+    return "free space unknown"
+
+
+@contextlib.contextmanager
+def disk_errors(folder, then: str = "run the same command again") -> Iterator[None]:
+    """A write in the block that the disk refuses (:func:`durable.write_failure`: full, over quota,
+    read-only, ...) becomes one :class:`UserError` naming the file (when the error names it) or
+    ``folder``, and what to do (free some space, then ``then``). Every command's writes run under
+    it: :meth:`OutputFolder.locked` holds it for the lock's folder."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        where = Path(getattr(exc, "filename", None) or folder)
+        raise UserError(f"could not write {where}: {reason} ({_free_space(where)}): free some space, "
+                        f"then {then}") from None
 
 
 class OutputFolder:
@@ -140,9 +168,10 @@ class OutputFolder:
     def checked_and_locked(self, inputs: Iterable[tuple[str, object]], overwrite: bool) -> Iterator[OutputFolder]:
         """A command that replaces its results only when asked: apart from its inputs (checked
         before the lock file is made), then, under the lock, no files of others and no earlier
-        results unless ``overwrite``."""
+        results unless ``overwrite``. A full disk then says to rerun with the flag (the partial
+        results are the command's own)."""
         check_apart(self.flag, self.path, inputs)
-        with self.locked():
+        with self.locked(), disk_errors(self.path, then=f"run the same command again with {OVERWRITE_FLAG}"):
             self.check_foreign(overwrite)
             self.check_own(overwrite)
             yield self
@@ -174,13 +203,15 @@ class OutputFolder:
     @contextlib.contextmanager
     def locked(self) -> Iterator[OutputFolder]:
         """Hold the folder's lock (creating the folder) for the block; the folders created here and
-        still empty when the block fails are removed again."""
+        still empty when the block fails are removed again. A write the disk refuses in the block
+        is one line naming the file, or else this folder (:func:`disk_errors`)."""
         created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # the folders mkdir makes
         lock = FolderLock(self.path, self.flag)
         lock.acquire()
         failed = True
         try:
-            yield self
+            with disk_errors(self.path):
+                yield self
             failed = False
         finally:
             lock.release()

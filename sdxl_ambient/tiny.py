@@ -147,11 +147,25 @@ def save_tiny_dinov2(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("output_dir", help="folder to write the diffusers pipeline to")
+    parser.add_argument("output_dir", help="a new or empty folder to write the diffusers pipeline to")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
-    path = save_tiny_pipeline(args.output_dir, seed=args.seed)
+    """Write the pipeline into a new or empty folder, under the folder's lock; any folder that holds
+    something (an earlier pipeline included) is refused, so nothing there is replaced."""
+    from sdxl_ambient.errors import UserError
+    from sdxl_ambient.files import SDXL_PARTS
+    from sdxl_ambient.outputs import OutputFolder
+
+    path = Path(args.output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"make-tiny OUTPUT_DIR {path} is a file: give a new or empty folder")
+    folder = OutputFolder(path, command="make-tiny", writes=(MODEL_INDEX, *SDXL_PARTS), flag="make-tiny OUTPUT_DIR")
+    with folder.locked():
+        if folder.entries():
+            raise UserError(f"make-tiny OUTPUT_DIR {path} already holds {', '.join(folder.entries()[:5])}: give a new "
+                            "or empty folder (nothing there is replaced)")
+        save_tiny_pipeline(path, seed=args.seed)
     print(f"tiny SDXL-shaped pipeline written to {path}")
     return 0

@@ -24,19 +24,20 @@ import torch
 
 from sdxl_ambient import checkpointing
 from sdxl_ambient.config import RESUME_RESOLVED_FLAGS, RESUME_SAFE_FLAGS, TrainConfig, input_paths, load_train_config
-from sdxl_ambient.durable import write_failure
+from sdxl_ambient.durable import TEMPORARY, atomic_write, write_failure
 from sdxl_ambient.errors import ReportedElsewhere, UserError, exit_code_of
 from sdxl_ambient.files import (
     LORA_FILES,
     LORA_WEIGHT_NAME,
     MODEL_CARD,
     MODEL_INDEX,
+    PIPELINE_TMP_PREFIX,
     SAMPLES_DIR,
     SDXL_PARTS,
     SETTINGS_FILE,
     VALIDATION_DIR,
 )
-from sdxl_ambient.outputs import OutputFolder, check_apart
+from sdxl_ambient.outputs import OutputFolder, check_apart, disk_errors
 from sdxl_ambient.step import HARMFUL_CONSISTENCY_LEVEL, AmbientObjective, conditioned_unet
 from sdxl_ambient.text import text_embeddings
 
@@ -58,10 +59,10 @@ def inside_output(flags, folder) -> str | None:
 
 def output_folder(flags, cache_dir: Path) -> OutputFolder:
     """The output folder and what a training run writes at its top: settings, card, samples,
-    validation grids, checkpoints, the weights (LoRA files or a pipeline), and the logs and latent
-    cache when they lie inside it."""
-    writes = [SETTINGS_FILE, MODEL_CARD, SAMPLES_DIR, VALIDATION_DIR, "checkpoint-*", ".tmp-checkpoint-*"]
-    writes += list(LORA_FILES) if flags.finetune == "lora" else [MODEL_INDEX, *SDXL_PARTS]
+    validation grids, checkpoints, the weights (LoRA files or a pipeline), the temporary names of
+    files being written, and the logs and latent cache when they lie inside it."""
+    writes = [SETTINGS_FILE, MODEL_CARD, SAMPLES_DIR, VALIDATION_DIR, "checkpoint-*", ".tmp-checkpoint-*", TEMPORARY]
+    writes += list(LORA_FILES) if flags.finetune == "lora" else [MODEL_INDEX, *SDXL_PARTS, f"{PIPELINE_TMP_PREFIX}*"]
     writes += [name for name in (inside_output(flags, flags.logging_dir), inside_output(flags, cache_dir)) if name]
     return OutputFolder(flags.output_dir, command="train", writes=writes)
 
@@ -69,15 +70,21 @@ def output_folder(flags, cache_dir: Path) -> OutputFolder:
 def check_output_dir(flags, folder: OutputFolder, resume_path) -> None:
     """Refuse files training did not write (always where it writes, else unless
     --overwrite_output_dir) and, unless asked to write over them or resuming a checkpoint in it, a
-    finished or running run's results."""
+    finished or running run's results. A checkpoint resumed from outside the folder continues its
+    own run there: the folder is checked as for a new run."""
     folder.check_foreign(flags.overwrite_output_dir)
     out = folder.path
-    if flags.overwrite_output_dir and resume_path is not None and resume_path.parent.resolve() == out.resolve():
+    inside = resume_path is not None and resume_path.resolve().parent == out.resolve()
+    if flags.overwrite_output_dir and inside:
         raise UserError(f"--overwrite_output_dir removes {resume_path}, which --resume_from_checkpoint "
                         f"{flags.resume_from_checkpoint} resumes from: give one of the two")
-    if flags.overwrite_output_dir or resume_path is not None or not out.is_dir():
+    if flags.overwrite_output_dir or inside or not out.is_dir():
         return
     found = [name for name in RESULT_FILES if (out / name).exists()] + [p.name for p in checkpointing.list_checkpoints(out)]
+    if resume_path is not None and found:  # the run goes on in a folder that holds another run's results
+        raise UserError(f"--output_dir {out} already holds another run's results ({', '.join(found[:3])}), and "
+                        f"--resume_from_checkpoint {resume_path} lies outside it: choose another --output_dir, or pass "
+                        "--overwrite_output_dir to replace them")
     if flags.resume_from_checkpoint:  # restarting before the first checkpoint: only finished weights are in the way
         found = [name for name in found if name != SETTINGS_FILE]
     if found:
@@ -511,7 +518,8 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
     if flags.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=flags.prediction_type)
     place_frozen(flags, components, accelerator.device, weight_dtype)
-    cache = prepare_cache(list(cfg.sources), cfg.data, cfg.cache, components, accelerator, images=images)
+    with disk_errors(cfg.cache.cache_dir, then="run the same command again (the shards written are kept)"):
+        cache = prepare_cache(list(cfg.sources), cfg.data, cfg.cache, components, accelerator, images=images)
     levels = cache.levels  # of every example, held out or not
     held_out = None
     if cfg.held_out is not None:  # the same examples in every run on this data
@@ -573,16 +581,18 @@ def setup(cfg: TrainConfig, held: contextlib.ExitStack) -> Run:
 
 def start_outputs(run: Run) -> None:
     """Once everything is loaded (main process): with --overwrite_output_dir remove the earlier run's
-    results (checkpoints included, so `latest` cannot resume them; the latent cache and the logs
-    stay), record what this run writes, save the settings, start the trackers and the checkpoint pusher."""
+    results (checkpoints included, so `latest` cannot resume them, and its logs, so that its curves
+    do not mix with this run's; the latent cache stays), record what this run writes, save the
+    settings, start the trackers and the checkpoint pusher."""
     from sdxl_ambient import hub
 
     accelerator, flags = run.accelerator, run.flags
     if not accelerator.is_main_process:
         return
-    keep = {inside_output(flags, flags.logging_dir), inside_output(flags, run.cfg.cache.cache_dir)}
-    run.output.start(clear=[n for n in run.output.own() if n not in keep] if flags.overwrite_output_dir else [])
-    hub.write_settings(flags.output_dir, settings_record(run))
+    keep = inside_output(flags, run.cfg.cache.cache_dir)
+    with disk_errors(flags.output_dir):
+        run.output.start(clear=[n for n in run.output.own() if n != keep] if flags.overwrite_output_dir else [])
+        hub.write_settings(flags.output_dir, settings_record(run))
     accelerator.init_trackers("sdxl-ambient", config={k: v for k, v in hub.public_settings(vars(flags)).items()
                                                       if isinstance(v, (int, float, str, bool))})
     if flags.push_checkpoints_to_hub:
@@ -897,7 +907,7 @@ def finish(run: Run, step: int) -> None:
                               base_model=public_name(flags.pretrained_model_name_or_path),
                               settings={**vars(flags), **run.resolved.as_dict()}, finetune=flags.finetune,
                               image_paths=images, validation_prompt=flags.validation_prompt, output_dir=flags.output_dir)
-        (Path(flags.output_dir) / MODEL_CARD).write_text(card)
+        atomic_write(Path(flags.output_dir) / MODEL_CARD, lambda tmp: tmp.write_text(card))
         if run.pusher is not None:
             run.pusher.close()
         if run.hub_repo is not None:  # never the user's files beside ours

@@ -6,6 +6,7 @@ or flag, exit status 2, also under `accelerate launch`."""
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -321,3 +322,168 @@ def test_under_accelerate_launch_with_two_processes_the_summary_names_the_error(
     assert "Traceback (most recent call last)" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error: ")]) == 1  # the main process's
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- one line in every command
+
+
+def test_a_user_error_is_always_one_line():
+    """A library's message quoted in an error (a Hub error spans several lines) is folded into one line."""
+    from sdxl_ambient.errors import UserError, exit_code_of
+
+    assert str(UserError("--pretrained_model_name_or_path x: cannot read it (OSError: first\n  second\r\nthird)")) == \
+        "--pretrained_model_name_or_path x: cannot read it (OSError: first second third)"
+
+    def fails():
+        raise UserError("a\n\nb")
+
+    assert exit_code_of(fails) == 2
+
+
+@pytest.fixture(scope="module")
+def other_loras(tmp_path_factory):
+    """LoRA folders: a truncated file of the tiny model's LoRA, a LoRA of a model of another shape, and one
+    whose keys name layers no SDXL model has."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from sdxl_ambient import models
+    from sdxl_ambient.tiny import save_tiny_dinov2, tiny_unet_config
+
+    root = tmp_path_factory.mktemp("loras")
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    models.add_unet_lora(unet, rank=4)
+    models.save_lora(root / "good", unet)
+    (root / "truncated").mkdir()
+    whole = (root / "good" / "pytorch_lora_weights.safetensors").read_bytes()
+    (root / "truncated" / "pytorch_lora_weights.safetensors").write_bytes(whole[: len(whole) // 2])
+    other = UNet2DConditionModel(**{**tiny_unet_config(), "block_out_channels": (16, 32)})
+    models.add_unet_lora(other, rank=4)
+    models.save_lora(root / "other_model", other)
+    (root / "foreign").mkdir()
+    save_file({"unet.no_such_block.to_q.lora_A.weight": torch.zeros(4, 8),
+               "unet.no_such_block.to_q.lora_B.weight": torch.zeros(8, 4)},
+              str(root / "foreign" / "pytorch_lora_weights.safetensors"))
+    save_tiny_dinov2(root / "dinov2")
+    return root
+
+
+@pytest.mark.parametrize("lora, fragment, before_loading", [
+    ("truncated", "cannot be read (SafetensorError", True),
+    ("other_model", "does not fit the model", False),
+    ("foreign", "give a LoRA trained on this base model", False),
+])
+def test_a_damaged_lora_or_one_of_another_model_is_one_line_naming_it(monkeypatch, capsys, tmp_path,
+                                                                      tiny_pipeline_dir, other_loras, lora, fragment,
+                                                                      before_loading):
+    import logging
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_ambient.cli import main
+
+    logged = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    recorder = Recorder(logging.WARNING)
+    logging.getLogger("diffusers").addHandler(recorder)  # diffusers prints its own loggers' records: none here
+    file = other_loras / lora / "pytorch_lora_weights.safetensors"
+    if before_loading:
+        monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained",
+                            lambda *a, **k: pytest.fail("the model loaded before the LoRA file was read"))
+    assert_one_line_error(capsys, main(["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+                                        "--lora_path", str(other_loras / lora), "--prompt", "a cat", "--resolution", "64",
+                                        "--num_inference_steps", "2", "--output_dir", str(tmp_path / "gen")]),
+                          f"--lora_path {file}", fragment)
+    assert not (tmp_path / "gen").exists()
+    assert_one_line_error(capsys, main(["memorization", "--train_data_dir", str(DEMO_IMAGES), "--model",
+                                        f"m={tiny_pipeline_dir}:{other_loras / lora}", "--embedder",
+                                        str(other_loras / "dinov2"), "--num_images", "1", "--num_attack_images", "0",
+                                        "--resolution", "64", "--num_inference_steps", "2", "--device", "cpu",
+                                        "--output_dir", str(tmp_path / "mem")]),
+                          f"--model m {file}", fragment)
+    logging.getLogger("diffusers").removeHandler(recorder)
+    assert not [m for m in logged if "unsuccessful" in m or "size mismatch" in m], logged[:1]
+
+
+def test_the_demo_names_a_damaged_lora_in_one_line(monkeypatch, capsys, tmp_path, other_loras):
+    from sdxl_ambient import train
+    from sdxl_ambient.cli import main
+
+    def trained_a_truncated_lora(argv):
+        lora = Path(argv[argv.index("--output_dir") + 1])
+        lora.mkdir(parents=True)
+        shutil.copy(other_loras / "truncated" / "pytorch_lora_weights.safetensors", lora)
+        return 0
+
+    monkeypatch.setattr(train, "main", trained_a_truncated_lora)
+    assert_one_line_error(capsys, main(["demo", "--output_dir", str(tmp_path / "demo")]),
+                          f"{tmp_path / 'demo' / 'lora' / 'pytorch_lora_weights.safetensors'} cannot be read")
+
+
+def _without_images(args):
+    i = args.index("--train_data_dir")
+    return args[:i] + args[i + 2:]
+
+
+@pytest.mark.parametrize("name", ["no-such-user/no-such-dataset", "typo_dataset", "a b c"])
+def test_a_dataset_that_cannot_be_loaded_is_one_line_naming_the_flag(no_models, capsys, tmp_path, tiny_pipeline_dir,
+                                                                     name):
+    """Offline (as in every test), a Hub dataset id or a typo: one line naming --dataset_name, before any model loads."""
+    from sdxl_ambient.cli import main
+
+    out = tmp_path / "out"
+    args = _without_images(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out)) + ["--dataset_name", name]
+    assert_one_line_error(capsys, cli_inprocess(args), f"--dataset_name {name} cannot be loaded")
+    assert not out.exists()
+    assert_one_line_error(capsys, main(["memorization", "--dataset_name", name, "--model", f"m={tiny_pipeline_dir}",
+                                        "--output_dir", str(tmp_path / "mem")]), f"--dataset_name {name} cannot be loaded")
+
+
+def test_an_invalid_hub_repo_id_is_one_line_naming_the_flag_before_any_model_loads(no_models, monkeypatch, capsys,
+                                                                                   tmp_path, tiny_pipeline_dir):
+    """--push_to_hub pushes to --hub_model_id, by default the output folder's name: a folder such as
+    "my run (v2)" is no repo id. One line naming --hub_model_id, at the start; and in `push`."""
+    from sdxl_ambient.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    out = tmp_path / "my run (v2)"
+    assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--push_to_hub")),
+                          "--hub_model_id 'my run (v2)' is not a valid Hub repo id")
+    assert not out.exists()
+    assert_one_line_error(capsys, cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, tmp_path / "o", "--push_to_hub",
+                                                          "--hub_model_id", "me/bad name")),
+                          "--hub_model_id 'me/bad name' is not a valid Hub repo id")
+    out.mkdir()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    assert_one_line_error(capsys, main(["push", "--output_dir", str(out)]),
+                          "--hub_model_id 'my run (v2)' is not a valid Hub repo id")
+
+
+def test_a_damaged_settings_file_is_one_line_naming_it(capsys, tmp_path, tiny_pipeline_dir, other_loras):
+    """training_settings.json, read by `push` (the repo) and by generate (the trained t_n), through one reader."""
+    from sdxl_ambient.cli import main
+
+    out = shutil.copytree(other_loras / "good", tmp_path / "run")
+    for damaged in ('{"resolved": {"ambient_timestep": 1', "[1, 2]"):
+        (out / "training_settings.json").write_text(damaged)
+        assert_one_line_error(capsys, main(["push", "--output_dir", str(out)]), str(out / "training_settings.json"))
+        assert_one_line_error(capsys, main(["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+                                            "--lora_path", str(out), "--prompt", "a cat", "--output_dir",
+                                            str(tmp_path / "gen")]), str(out / "training_settings.json"))
+
+
+def test_a_hub_model_that_cannot_be_read_is_one_line(no_models, capsys, tmp_path):
+    """Offline, a Hub id: the libraries' messages span several lines; the error is still one line, in
+    the trainer's check of the model and in generate's loading."""
+    from sdxl_ambient.cli import main
+
+    assert_one_line_error(capsys, cli_inprocess(tiny_args("no-one/no-such-model", DEMO_IMAGES, tmp_path / "out")),
+                          "--pretrained_model_name_or_path no-one/no-such-model: cannot read model_index.json")
+    assert_one_line_error(capsys, main(["generate", "--pretrained_model_name_or_path", "no-one/no-such-model", "--prompt",
+                                        "a cat", "--output_dir", str(tmp_path / "gen")]),
+                          "--pretrained_model_name_or_path no-one/no-such-model: cannot read model_index.json")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
-from helpers.training import cli_inprocess, lora_weights, snapshot, subprocess_env, tiny_args
+from helpers.training import cli_inprocess, lora_weights, record_steps, snapshot, subprocess_env, tiny_args
 from sdxl_ambient.cli import main
 from sdxl_ambient.files import LOCK_FILE, OUTPUT_RECORD
 
@@ -308,3 +308,122 @@ def test_a_run_in_progress_keeps_a_second_one_out_and_a_killed_one_does_not_bloc
     assert cli_inprocess(tiny_args(places["model"], places["images"], out, "--resume_from_checkpoint", "latest",
                                    steps=last + 2)) == 0
     assert lora_weights(out) and not (out / LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- a resume into a folder of another run
+
+
+def test_a_resume_from_outside_into_a_folder_of_another_run_is_refused_unless_asked(monkeypatch, capsys, places,
+                                                                                      tmp_path):
+    """`--output_dir A --resume_from_checkpoint B/checkpoint-3`, A holding a finished run X: refused before any
+    model loads, naming X's files, and A is left as it was; with --overwrite_output_dir X's results (its
+    checkpoints too, so that `latest` cannot pick one later) are replaced by the resumed run's. A resume
+    from a checkpoint inside the folder needs no flag."""
+    from sdxl_ambient import models
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(train(places, a, "--seed", "1")) == 0  # run X: checkpoints 3 and 6, its LoRA, card and settings
+    assert run(train(places, b, steps=3)) == 0  # another run, stopped at its checkpoint-3
+    before = snapshot(a)
+    resume = ("--resume_from_checkpoint", str(b / "checkpoint-3"))
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "load_components", lambda *a, **k: pytest.fail("a model loaded before the folder check"))
+        line = assert_one_line_error(capsys, run(train(places, a, *resume)), f"--output_dir {a} already holds another run's",
+                                     "pytorch_lora_weights.safetensors", "checkpoint-3", "--overwrite_output_dir")
+    assert str(b / "checkpoint-3") in line
+    assert snapshot(a) == before
+
+    ran = record_steps(monkeypatch)
+    assert run(train(places, a, *resume, "--overwrite_output_dir")) == 0
+    assert ran == [4, 5, 6]  # B's checkpoint was read
+    assert sorted(p.name for p in a.glob("checkpoint-*")) == ["checkpoint-6"]  # X's checkpoint-3 is gone
+    assert json.loads((a / "training_settings.json").read_text())["resolved"]["seed"] == 0  # the resumed run's
+    ran.clear()
+    assert run(train(places, a, "--resume_from_checkpoint", str(a / "checkpoint-6"), steps=7)) == 0  # inside: no flag
+    assert ran == [7]
+
+
+# ----------------------------------------------------------------------------- the logs of a replaced run
+
+
+@pytest.mark.parametrize("logs_inside", [True, False])
+def test_an_overwrite_clears_the_replaced_runs_logs_and_only_its_own(places, tmp_path, logs_inside):
+    """The TensorBoard logs of a run replaced with --overwrite_output_dir go with its other results, so
+    that its curves do not mix with the new run's; a logs folder outside the output folder is not touched."""
+    out, elsewhere = tmp_path / "out", tmp_path / "my_logs"
+    logs = ["--report_to", "tensorboard"] + ([] if logs_inside else ["--logging_dir", str(elsewhere)])
+    assert run(train(places, out, *logs, steps=1)) == 0
+    folder = out / "logs" if logs_inside else elsewhere
+    old = sorted(p.relative_to(folder) for p in folder.rglob("events.out.tfevents.*"))
+    assert old
+    (folder / "sdxl-ambient" / "curves-of-the-old-run").write_text("old")
+    assert run(train(places, out, *logs, "--overwrite_output_dir", steps=1)) == 0
+    now = sorted(p.relative_to(folder) for p in folder.rglob("events.out.tfevents.*"))
+    if logs_inside:
+        assert not (folder / "sdxl-ambient" / "curves-of-the-old-run").exists()
+        assert now and not set(old) & set(now)  # only the new run's curves
+    else:
+        assert (folder / "sdxl-ambient" / "curves-of-the-old-run").read_text() == "old" and set(old) < set(now)
+
+
+# ----------------------------------------------------------------------------- make-tiny and push
+
+
+@pytest.mark.parametrize("held", ["an earlier pipeline", "the user's files", "a file"])
+def test_make_tiny_writes_only_into_a_new_or_empty_folder(capsys, tmp_path, held):
+    """`make-tiny` into a folder that holds anything (even a pipeline it wrote) is one line and writes
+    nothing; it never says "written" when it did not write."""
+    out = tmp_path / "tiny"
+    if held == "an earlier pipeline":
+        assert main(["make-tiny", str(out), "--seed", "1"]) == 0
+        assert "written to" in capsys.readouterr().out
+    elif held == "the user's files":
+        out.mkdir()
+        (out / "model_index.json").write_text("{\"mine\": true}")
+    else:
+        out.write_text("a file")
+    before = snapshot(tmp_path)
+    assert_one_line_error(capsys, main(["make-tiny", str(out)]), f"make-tiny OUTPUT_DIR {out}", "new or empty folder")
+    assert "written" not in capsys.readouterr().out
+    assert snapshot(tmp_path) == before
+
+
+def test_make_tiny_is_refused_while_another_command_holds_the_folder(capsys, tmp_path, holders):
+    out = tmp_path / "tiny"
+    holders.append(_hold_lock(out))
+    assert_one_line_error(capsys, main(["make-tiny", str(out)]), f"{out} is in use by another run",
+                          f"(PID {holders[-1].pid})")
+    assert not (out / "model_index.json").exists()
+
+
+def test_push_holds_the_folder_so_no_run_writes_there_meanwhile(monkeypatch, capsys, places, tmp_path, holders):
+    """`push` takes the output folder's lock: refused while a run holds it (naming its PID), and while
+    `push` uploads, a training run on the folder is refused."""
+    import huggingface_hub
+
+    out = tmp_path / "out"
+    assert run(train(places, out, steps=1)) == 0
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    seen = []
+
+    class Api:
+        def __init__(self, token=None, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, **kwargs):  # a training start while the upload runs
+            seen.append(run(train(places, out, "--resume_from_checkpoint", "latest", steps=2)))
+            seen.append(capsys.readouterr().err)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    holder = _hold_lock(out)
+    holders.append(holder)
+    assert_one_line_error(capsys, main(["push", "--output_dir", str(out), "--hub_model_id", "me/m"]),
+                          f"--output_dir {out} is in use by another run (PID {holder.pid})")
+    holder.kill()
+    holder.wait()
+    assert main(["push", "--output_dir", str(out), "--hub_model_id", "me/m"]) == 0
+    assert seen[0] == 2 and "is in use by another run" in seen[1] and f"PID {os.getpid()}" in seen[1]
+    assert not (out / LOCK_FILE).exists()

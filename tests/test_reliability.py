@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
+from helpers import DEMO_IMAGES, ROOT, assert_one_line_error, message_lines
 from helpers.training import LORA_FILE, launch_command, lora_weights, record_steps, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
 
@@ -605,12 +605,24 @@ def test_checkpoint_renames_are_flushed_to_their_folder(monkeypatch, tmp_path):
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
-def test_the_demo_stops_when_its_training_stops(monkeypatch, tmp_path, capsys):
-    """A training run that ends early (143: stopped by a signal) must not be followed by sampling and a report."""
+@pytest.mark.parametrize("status, what", [(143, "SIGTERM"), (130, "Ctrl-C"), (2, None)])
+def test_the_demo_stops_when_its_training_stops(monkeypatch, tmp_path, capsys, status, what):
+    """A training run that ends early must not be followed by sampling and a report. Stopped by a signal
+    (130: Ctrl-C, 143: SIGTERM, a checkpoint saved), the demo exits with the same status and one line
+    saying how to resume; a failed training (2) is the demo's one-line error."""
+    from diffusers import StableDiffusionXLPipeline  # noqa: F401  (a first import warns of optional packages)
+
     from sdxl_ambient import train
     from sdxl_ambient.cli import main
 
-    monkeypatch.setattr(train, "main", lambda argv: 143)
-    status = main(["demo", "--output_dir", str(tmp_path / "demo")])
-    assert_one_line_error(capsys, status, "exit status 143", "--resume_from_checkpoint latest")
+    monkeypatch.setattr(train, "main", lambda argv: status)
+    capsys.readouterr()
+    got = main(["demo", "--output_dir", str(tmp_path / "demo")])
+    if what is None:
+        assert_one_line_error(capsys, got, "exit status 2", "--resume_from_checkpoint latest")
+    else:
+        err = capsys.readouterr().err
+        lines = message_lines(err)
+        assert got == status and len(lines) == 1, err
+        assert lines[0].startswith("stopped:") and what in lines[0] and "--resume_from_checkpoint latest" in lines[0]
     assert not (tmp_path / "demo" / "demo_grid.png").exists() and not (tmp_path / "demo" / "memorization").exists()

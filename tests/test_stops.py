@@ -18,6 +18,7 @@ import torch
 from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
 from helpers.training import cli_inprocess, launch_command, lora_weights, record_steps, run_inprocess, subprocess_env, tiny_args
 from sdxl_ambient import checkpointing
+from sdxl_ambient.cli import main
 
 NEVER = ("--checkpointing_steps", "1000")  # checkpoints come only from the stop or the failure under test
 
@@ -234,6 +235,134 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(monkeypatch, c
                                  "--resume_from_checkpoint latest")
     assert f"the last complete checkpoint is checkpoint-{saved[-1]}" in line
     assert saved_steps(out) == saved
+    # no final weight file at all rather than a partial one (which `push` would upload), nor a temporary one
+    assert not [p.name for p in out.iterdir() if "pytorch_lora_weights" in p.name]
+    assert_one_line_error(capsys, main(["push", "--output_dir", str(out)]), "holds no finished weights")
     monkeypatch.undo()
     resumes_from(monkeypatch, tiny_pipeline_dir, out, saved[-1])
     assert json.loads((out / "training_settings.json").read_text())["resolved"]["seed"] == 0
+
+
+def _limited(monkeypatch, module, name, nbytes):
+    """``module.name`` runs with writes past ``nbytes`` per file refused, as on a full disk."""
+    real = getattr(module, name)
+
+    def limited(*args, **kwargs):
+        with file_size_limit(nbytes):
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, limited)
+
+
+def test_a_full_disk_in_the_trainers_cache_build_is_one_line_naming_the_cache(monkeypatch, capsys, tmp_path,
+                                                                              tiny_pipeline_dir):
+    from sdxl_ambient import cache
+
+    out, cache_dir = tmp_path / "out", tmp_path / "cache"
+    _limited(monkeypatch, cache, "build_cache", 20_000)  # the manifest fits, a shard does not
+    status = cli_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--cache_dir", cache_dir))
+    assert_one_line_error(capsys, status, f"could not write {cache_dir}: File too large", "MiB free there",
+                          "free some space, then run the same command again (the shards written are kept)")
+    assert not [p.name for p in cache_dir.iterdir() if ".tmp-" in p.name or p.name.endswith(".safetensors")]
+    assert not (out / "training_settings.json").exists()
+    monkeypatch.undo()
+    assert run_inprocess(tiny_args(tiny_pipeline_dir, DEMO_IMAGES, out, "--cache_dir", cache_dir, steps=1)) == 0
+
+
+def test_a_full_disk_in_corrupt_is_one_line_and_the_same_command_completes(monkeypatch, capsys, tmp_path,
+                                                                           tiny_pipeline_dir):
+    from sdxl_ambient import cache, corrupt
+
+    out = tmp_path / "noisy"
+    argv = ["corrupt", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(DEMO_IMAGES),
+            "--ambient_timestep", "100", "--resolution", "64", "--output_dir", str(out), "--device", "cpu",
+            "--shard_size", "4"]
+    _limited(monkeypatch, corrupt, "build_cache", 20_000)
+    assert_one_line_error(capsys, main(argv), f"could not write {out}: File too large",
+                          "free some space, then run the same command again")
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or p.name.endswith(".safetensors")]
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert len(cache.LatentCache(out)) == 8  # every shard there and whole (checksums verified)
+
+
+def test_a_full_disk_in_generate_is_one_line_naming_the_folder(monkeypatch, capsys, tmp_path, tiny_pipeline_dir):
+    from sdxl_ambient import generate
+
+    out = tmp_path / "samples"
+    argv = ["generate", "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--prompt", "a cat",
+            "--resolution", "64", "--num_inference_steps", "2", "--output_dir", str(out)]
+    _limited(monkeypatch, generate, "write_images", 1_000)
+    assert_one_line_error(capsys, main(argv), f"could not write {out}: File too large",
+                          "free some space, then run the same command again with --overwrite_output_dir")
+    monkeypatch.undo()
+    assert main([*argv, "--overwrite_output_dir"]) == 0 and (out / "00000.png").is_file()
+
+
+def test_a_full_disk_while_a_full_fine_tune_is_saved_leaves_no_partial_pipeline(tmp_path, tiny_pipeline_dir):
+    """The final pipeline of a full fine-tune is written beside its place and renamed into place,
+    model_index.json last: a folder holding one is a whole pipeline, and nothing temporary stays."""
+    from helpers.training import snapshot
+    from sdxl_ambient import models
+    from sdxl_ambient.durable import write_failure
+
+    components = models.load_components(str(tiny_pipeline_dir))
+    out = tmp_path / "full"
+    with pytest.raises(Exception) as failed, file_size_limit(200_000):
+        models.save_full_pipeline(out, components, components.unet)
+    assert write_failure(failed.value) is not None
+    assert list(out.iterdir()) == []  # no part of it, no model_index.json, nothing temporary
+    models.save_full_pipeline(out, components, components.unet)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model_index.json", "unet", "vae", "text_encoder",
+                                                            "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"])
+    models.check_pipeline_files(str(out))
+    before = snapshot(out)
+    with pytest.raises(Exception) as failed, file_size_limit(200_000):  # a second save cut short: the first stays
+        models.save_full_pipeline(out, components, components.unet)
+    assert write_failure(failed.value) is not None and snapshot(out) == before
+    models.save_full_pipeline(out, components, components.unet)  # again, over the earlier one
+    assert not list(out.glob(".tmp-*"))
+    models.check_pipeline_files(str(out))
+
+
+def test_a_lora_save_cut_short_leaves_the_earlier_files_whole(monkeypatch, tmp_path):
+    """Each final LoRA file is written under a temporary name and renamed into place: a write cut short
+    (the disk full half-way, or a kill) never leaves a partial file under its name, nor a temporary one;
+    each file there is whole (the earlier save's, or this one's: the same weights, the same bytes)."""
+    import errno
+    from pathlib import Path
+
+    import safetensors
+    import safetensors.torch
+    from diffusers import UNet2DConditionModel
+
+    from sdxl_ambient import models
+    from sdxl_ambient.tiny import tiny_unet_config
+
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    models.add_unet_lora(unet, rank=4)
+    out = tmp_path / "lora"
+    def whole_files():
+        """Each file there, read whole: its metadata and tensors (a partial file does not load)."""
+        found = {}
+        for path in sorted(out.iterdir()):
+            with safetensors.safe_open(str(path), "pt") as f:
+                found[path.name] = (f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()})
+        return found
+
+    models.save_lora(out, unet)
+    before = whole_files()
+    real = safetensors.torch.save_file
+    for victim in ("kohya", "diffusers"):
+        def cut_short(tensors, filename, metadata=None, victim=victim):
+            real(tensors, filename, metadata=metadata)
+            if (victim == "kohya") == ("kohya" in Path(filename).name):  # half of it reached the disk
+                data = Path(filename).read_bytes()
+                Path(filename).write_bytes(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+        monkeypatch.setattr(models, "save_file", cut_short)
+        with pytest.raises(OSError):
+            models.save_lora(out, unet)
+        assert whole_files() == before, victim  # both files whole, nothing else there

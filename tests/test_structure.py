@@ -12,9 +12,9 @@ from helpers import ROOT
 # other's functions (the demo runs the trainer and the memorisation report).
 LAYERS = [
     {"errors", "files", "durable", "text", "lora_formats", "compile"},
-    {"objectives", "images", "tiny", "outputs"},
+    {"objectives", "images", "outputs"},
     {"step", "data", "sampling", "models", "checkpointing", "hub", "optimizers", "evaluation.report",
-     "evaluation.similarity"},
+     "evaluation.similarity", "tiny"},
     {"cache", "heldout", "pipelines", "toy", "validation", "evaluation.features"},
     {"config"},
     {"train", "corrupt", "generate", "demo", "cli", "push", "evaluation.memorization", "evaluation.quality"},

@@ -320,12 +320,15 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSo
     from sdxl_ambient.data import load_image
     from sdxl_ambient.evaluation.features import ClipImageEmbedder, DinoV2Embedder
     from sdxl_ambient.models import resolve_device
-    from sdxl_ambient.pipelines import load_pipeline
+    from sdxl_ambient.pipelines import load_pipeline, read_lora
 
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"--model names must be distinct, got {names}")
     check_models(specs, pipeline_kwargs)
+    for name, _, lora in specs:  # a damaged LoRA file is named before any work
+        if lora:
+            read_lora(lora, flag=f"--model {name}")
     truncation = dict(truncation or {})
     train = read_training_set(source)  # every image decoded and caption checked, still before anything loads
     train_images = [load_image(r) for r in train]
@@ -340,7 +343,8 @@ def evaluate_models(specs: Sequence[tuple[str, str, str | None]], source: DataSo
 
     results = {}
     for name, base, lora in specs:
-        pipe = load_pipeline(base, lora_path=lora, device=str(device), **dict(pipeline_kwargs or {}))
+        pipe = load_pipeline(base, lora_path=lora, device=str(device), lora_flag=f"--model {name}",
+                             **dict(pipeline_kwargs or {}))
         generation = generation_test(pipe, captions, train_embeddings, embedders, num_images=num_images,
                                      batch_size=batch_size, seed=seed, resolution=resolution,
                                      ambient_timestep=truncation.get(name, 0), **dict(sample_kwargs or {}))
