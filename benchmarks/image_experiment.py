@@ -1,4 +1,4 @@
-"""The ambient objectives on real images (issue 9): scikit-learn's 8x8 digit scans, a small
+"""The ambient objectives on real images: scikit-learn's 8x8 digit scans, a small
 pixel-space UNet (diffusers' UNet2DModel), SDXL's noise schedule, trained with the project's
 ``step.AmbientObjective`` and sampled with ``sdxl_ambient.sampling`` (see ``digits.py``).
 
