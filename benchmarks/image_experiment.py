@@ -54,7 +54,8 @@ def consistency_default(t_n: int) -> dict:
     return {"consistency_weight": 1.0, "consistency_max_delta": t_n, "consistency_steps": 1, "consistency_fraction": 0.25}
 
 
-# Forms compared in Part 3 besides none and the default. "shipped": what configs/lora_tn500.yaml ships.
+# Forms compared in Part 3 besides none and the default. "shipped": what configs/lora_tn500.yaml shipped before
+# these measurements (no config ships the term now).
 SHIPPED = "shipped: w 1, 1 step, max delta t_n, whole batch"
 SMALL_STEPS = "w 1, chain steps of 100, max delta t_n, whole batch"
 SHORT_REACH = "w 1, 1 step, max delta 100, whole batch"

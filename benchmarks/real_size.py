@@ -11,7 +11,7 @@ sizes, then runs the project's commands on it as a user would, each in a subproc
     train-512     accelerate launch train_sdxl_ambient.py: LoRA, bf16, 512 px, a few steps
     train-1024    the same, one step at 1024 px on the corrupt dataset (gradient checkpointing)
     train-te      --train_text_encoder, 512 px
-    train-cons    --consistency_weight > 0, 512 px
+    train-cons    --consistency_weight > 0 on the whole batch (every step), 512 px
     train-full    --finetune full, one step, only where the memory arithmetic says it fits
     lora-load     both saved LoRA files (diffusers, kohya) through pipe.load_lora_weights, compared
     generate      sdxl-ambient generate, truncated at t_n, 1024 px
@@ -416,8 +416,9 @@ def plan(work: Path, args, unet_parameters: int) -> list[tuple[str, str, list[st
          launch(*train_args(work, "lora-1024", 1, "--train_data_dir", corrupted, "--gradient_checkpointing")), None),
         ("train-te", f"LoRA r4 + --train_text_encoder, bf16, 512 px, {args.steps_other} steps",
          launch(*train_args(work, "lora-te-512", args.steps_other, *t512, "--train_text_encoder")), None),
-        ("train-cons", f"LoRA r4 + --consistency_weight 0.1, bf16, 512 px, {args.steps_other} steps",
-         launch(*train_args(work, "lora-cons-512", args.steps_other, *t512, "--consistency_weight", 0.1)), None),
+        ("train-cons", f"LoRA r4 + --consistency_weight 0.1 on the whole batch, bf16, 512 px, {args.steps_other} steps",
+         launch(*train_args(work, "lora-cons-512", args.steps_other, *t512, "--consistency_weight", 0.1,
+                            "--consistency_fraction", 1)), None),  # batch 1 at 0.25 would run it one step in four
         ("train-full", "--finetune full, bf16 autocast, 512 px, 1 step, --gradient_checkpointing",
          launch(*train_args(work, "full-512", 1, *t512, "--finetune", "full", "--gradient_checkpointing")), full_skip),
         ("lora-load", "pipe.load_lora_weights: diffusers and kohya files of train-te (UNet + both text encoders)",

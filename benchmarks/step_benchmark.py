@@ -9,14 +9,15 @@ fine-tuning at each batch size, times these cases on the same freshly built mode
                          script logs it), backward, clip, AdamW (not fused), zero_grad
     plain-loss           the project's step with t_n = 0 (its ordinary epsilon loss)
     ambient              the project's step (conditioned_unet + AmbientObjective) at t_n, fused AdamW on CUDA
-    ambient+consistency  the same with the consistency loss on (weight 0.1, default chain settings)
+    ambient+consistency  the same with the consistency loss on (weight 0.1, otherwise the trainer's defaults:
+                         a quarter of the batch, at batch 1 one step in four)
 
 Figures per case: median step time after warm-up (CUDA synchronised), images/s = batch / time,
 peak memory (torch.cuda.max_memory_allocated, reset per case), FLOPs of one step
 (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions and attention, forward and
 backward) and MFU = FLOPs / time / peak FLOP/s. Prints a Markdown table, writes JSON (``--out``).
 
-    python benchmarks/step_benchmark.py --config sdxl_base_config.json --out results.json
+    python benchmarks/step_benchmark.py --config benchmarks/sdxl_base_config.json --out results.json
     python benchmarks/step_benchmark.py --tiny --steps 2 --warmup 1
 """
 
