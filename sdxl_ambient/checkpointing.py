@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdxl_ambient.durable import fsync_dir, fsync_tree, write_failure
+from sdxl_ambient.durable import fsync_dir, fsync_tree
 from sdxl_ambient.errors import UserError
+from sdxl_ambient.outputs import disk_errors
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -77,18 +78,15 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, generator: 
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    found = list_checkpoints(root)
+    last = f"the last complete checkpoint is {found[-1].name}" if found else "no checkpoint is saved yet"
     try:
-        _write(accelerator, tmp, state, generator)
-    except Exception as exc:
+        with disk_errors(final, then=f"resume with --resume_from_checkpoint latest ({last})"):
+            _write(accelerator, tmp, state, generator)
+    except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = write_failure(exc)
-        if reason is None:
-            raise
-        found = list_checkpoints(root)
-        last = f"the last complete checkpoint is {found[-1].name}" if found else "no checkpoint is saved yet"
-        raise UserError(f"could not write {final}: {reason} ({shutil.disk_usage(root).free / 2**20:.0f} MiB free "
-                        f"there); {last}: free some space, then resume with --resume_from_checkpoint latest") from None
+        raise
     if accelerator.is_main_process:
         if final.exists():  # a second save of the same step (e.g. a stop right after a checkpoint)
             _remove(final)

@@ -128,7 +128,7 @@ class AmbientObjective:
         if k == 0:  # no term on this step: no UNet call for it
             return StepDraws(t, noise)
         return StepDraws(t, noise, *self._consistency_draws(observed, observed_timesteps, generator, k),
-                         consistency_scale=b / k if step is None else 1 / min(self.consistency_fraction, 1.0))
+                         consistency_scale=b / k if step is None else 1 / self.consistency_fraction)
 
     def _consistency_draws(self, observed, observed_timesteps, generator, k: int):
         """(t_c, noise of x_tc, delta, chain noise per step) of the first k samples, in the order
@@ -197,7 +197,8 @@ class AmbientObjective:
     def consistency_batches(self, batch: int) -> list[int]:
         """The batch sizes the consistency term runs the UNet at: the anchor's k, the two chains' 2k
         (and the one-sided final prediction's k), for every k it takes (with and without the step)."""
-        ks = {self.consistency_size(batch)} | {self.consistency_size(batch, s) for s in range(min(self.consistency_period(batch), 64))}
+        per_step = batch if self.consistency_fraction >= 1 else self._per_step(batch)
+        ks = {self.consistency_size(batch), math.floor(per_step), math.ceil(per_step)}  # the step schedule takes these two
         return sorted({n for k in ks if k > 0 for n in (k, 2 * k)})
 
     def consistency(self, net: Net, y, observed_timesteps, abar, generator=None, draws: StepDraws | None = None):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import DEMO_IMAGES, ROOT, assert_one_line_error
+from helpers import DEMO_IMAGES, ROOT, assert_one_line_error, fake_hf_api
 from helpers.training import cli_inprocess, lora_weights, record_steps, snapshot, subprocess_env, tiny_args
 from sdxl_ambient.cli import main
 from sdxl_ambient.files import LOCK_FILE, OUTPUT_RECORD
@@ -201,18 +201,7 @@ def test_a_push_to_the_hub_leaves_out_the_users_files(monkeypatch, places, tmp_p
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     uploaded = []
-
-    class RecordingApi:
-        def __init__(self, token=None, **kwargs):
-            pass
-
-        def create_repo(self, repo_id, **kwargs):
-            return type("Repo", (), {"repo_id": repo_id})()
-
-        def upload_folder(self, *, allow_patterns, **kwargs):
-            uploaded.extend(allow_patterns)
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake_hf_api(lambda *, allow_patterns, **kwargs: uploaded.extend(allow_patterns)))
     out = tmp_path / "mine"
     (out / "photos").mkdir(parents=True)
     for name in ("photos/holiday.jpg", "portrait.png"):
@@ -406,18 +395,11 @@ def test_push_holds_the_folder_so_no_run_writes_there_meanwhile(monkeypatch, cap
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     seen = []
 
-    class Api:
-        def __init__(self, token=None, **kwargs):
-            pass
+    def upload(**kwargs):  # a training start while the upload runs
+        seen.append(run(train(places, out, "--resume_from_checkpoint", "latest", steps=2)))
+        seen.append(capsys.readouterr().err)
 
-        def create_repo(self, repo_id, **kwargs):
-            return type("Repo", (), {"repo_id": repo_id})()
-
-        def upload_folder(self, **kwargs):  # a training start while the upload runs
-            seen.append(run(train(places, out, "--resume_from_checkpoint", "latest", steps=2)))
-            seen.append(capsys.readouterr().err)
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake_hf_api(upload))
     holder = _hold_lock(out)
     holders.append(holder)
     assert_one_line_error(capsys, main(["push", "--output_dir", str(out), "--hub_model_id", "me/m"]),

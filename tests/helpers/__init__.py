@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_IMAGES = ROOT / "sdxl_ambient" / "assets" / "demo_images"
@@ -29,3 +30,20 @@ def assert_one_line_error(capsys, status: int, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def fake_hf_api(on_upload):
+    """A stand-in for ``huggingface_hub.HfApi`` that sends nothing: ``create_repo`` returns the id it was
+    given and ``upload_folder(**kwargs)`` calls ``on_upload(**kwargs)``."""
+
+    class FakeHfApi:
+        def __init__(self, token=None, **kwargs):
+            self.token = token
+
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, **kwargs):
+            on_upload(**kwargs)
+
+    return FakeHfApi
